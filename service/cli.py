@@ -1,0 +1,148 @@
+"""The ``ddsnet`` command: denoise, info, serve, and (from ``training``) train and eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_CHECKPOINT = "checkpoints/ddsnet-color.safetensors"
+MISSING_HELP = (
+    "make one with the three training stages (see README, 'Training'): "
+    "ddsnet train supernet && ddsnet train tailor && ddsnet train gate; or pass --checkpoint PATH"
+)
+
+
+def load_denoiser(path: str, device: str = "cpu"):
+    """Load a checkpoint into a :class:`model.Denoiser`, with a helpful message when it is missing."""
+    from model import CheckpointError, Denoiser, load_checkpoint
+
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint not found: {path}; {MISSING_HELP}")
+    return Denoiser(load_checkpoint(path, device))
+
+
+def _output_paths(inputs: list[str], output: str | None) -> list[Path]:
+    if len(inputs) == 1:
+        source = Path(inputs[0])
+        return [Path(output) if output else source.with_name(f"{source.stem}.denoised.png")]
+    if output:
+        folder = Path(output)
+        folder.mkdir(parents=True, exist_ok=True)
+        return [folder / f"{Path(p).stem}.png" for p in inputs]
+    return [Path(p).with_name(f"{Path(p).stem}.denoised.png") for p in inputs]
+
+
+def run_denoise(args: argparse.Namespace) -> int:
+    import torch
+
+    from service.imaging import ImageError, decode_image, encode_image
+
+    denoiser = load_denoiser(args.checkpoint)
+    torch.set_grad_enabled(False)
+    failures = 0
+    for source, target in zip(args.inputs, _output_paths(args.inputs, args.output)):
+        started = time.perf_counter()
+        try:
+            decoded = decode_image(Path(source).read_bytes())
+            result = denoiser.denoise(decoded.rgb, args.quality)
+            encoded = encode_image(result.denoised, decoded, target.suffix.lstrip(".") or "png")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(encoded)
+        except (OSError, ImageError) as error:
+            failures += 1
+            message = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            print(f"error: {source}: {message}", file=sys.stderr)
+            continue
+        seconds = time.perf_counter() - started
+        width, height = decoded.size
+        if args.json:
+            record = {
+                "input": source,
+                "output": str(target),
+                "subnet": result.subnet,
+                "quality": args.quality,
+                "width": width,
+                "height": height,
+                "mflops_per_pixel": round(result.flops / (width * height) / 1e6, 6),
+                "gflops": round(result.flops / 1e9, 3),
+                "seconds": round(seconds, 4),
+            }
+            print(json.dumps(record), flush=True)
+        else:
+            print(f"{source} -> {target} (sub-network {result.subnet}, {result.flops / 1e9:.1f} GFLOPs, {seconds:.2f} s)")
+    return 1 if failures else 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    summary = load_denoiser(args.checkpoint).summary()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"checkpoint: {args.checkpoint}")
+    print(f"gate: {summary['gate_mflops_per_pixel']:.5f} MFLOPs/pixel at 256x256, trained: {summary['gate_trained']}")
+    sigmas = sorted({s for row in summary["subnets"] for s in row["val_psnr"]}, key=float)
+    header = f"{'#':>2}  {'MFLOPs/px':>10}  {'% of best':>9}  " + "  ".join(f"PSNR@{s:>3}" for s in sigmas)
+    print(header)
+    best = max(row["mflops_per_pixel"] for row in summary["subnets"])
+    for index, row in enumerate(summary["subnets"]):
+        psnrs = "  ".join(f"{row['val_psnr'][s]:8.2f}" for s in sigmas)
+        print(f"{index:>2}  {row['mflops_per_pixel']:10.4f}  {100 * row['mflops_per_pixel'] / best:8.1f}%  {psnrs}")
+        print(f"    channels: {row['channels']}")
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from service.app import serve
+
+    return serve(args.host, args.port, args.checkpoint)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from model import Quality
+    from training.cli import add_train_parsers
+
+    parser = argparse.ArgumentParser(prog="ddsnet", description="Dynamic slimmable image denoising.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    denoise = commands.add_parser("denoise", help="denoise image files")
+    denoise.add_argument("inputs", nargs="+", metavar="INPUT", help="PNG, JPEG, TIFF, WebP or BMP files")
+    denoise.add_argument("-o", "--output", help="output file (one input) or folder (several inputs)")
+    denoise.add_argument("--quality", choices=[q.value for q in Quality], default="auto",
+                         help="auto: the gate picks; fast: slimmest; best: widest (default: auto)")
+    denoise.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    denoise.add_argument("--json", action="store_true", help="print one JSON object per image")
+    denoise.set_defaults(handler=run_denoise)
+
+    info = commands.add_parser("info", help="print the sub-network table of a checkpoint")
+    info.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(handler=run_info)
+
+    serve = commands.add_parser("serve", help="serve POST /denoise over HTTP")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--checkpoint", default=None, help=f"default: $DDSNET_CHECKPOINT or {DEFAULT_CHECKPOINT}")
+    serve.set_defaults(handler=run_serve)
+
+    add_train_parsers(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from model import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (CheckpointError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Decoding uploads and files into tensors, and encoding results, the same way for the CLI and the service.
+
+EXIF orientation is applied. Grey images come back grey, an alpha channel passes through untouched,
+palette images are expanded. 16-bit grey images keep 16 bits; 16-bit colour images, which Pillow would
+silently truncate to 8 bits, are refused.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+SUPPORTED_FORMATS = {"PNG", "JPEG", "MPO", "TIFF", "WEBP", "BMP"}
+OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP", "tiff": "TIFF", "tif": "TIFF"}
+MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "TIFF": "image/tiff"}
+
+
+class ImageError(ValueError):
+    """An input that cannot be denoised. ``reason`` is one of: ``empty``, ``unsupported``, ``corrupt``,
+    ``too_large``, ``bad_output``."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class DecodedImage:
+    rgb: torch.Tensor  # (1, 3, H, W) float32 in [0, 1]
+    grey: bool
+    bits: int  # 8 or 16
+    alpha: Image.Image | None  # the untouched alpha band, if any
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height)."""
+        return self.rgb.shape[-1], self.rgb.shape[-2]
+
+
+def _png_bit_depth(data: bytes) -> tuple[int, int] | None:
+    """(bit depth, colour type) from a PNG's IHDR, or None for other files."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or len(data) < 26:
+        return None
+    return struct.unpack(">BB", data[24:26])
+
+
+def probe(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Open the image header (no pixel decoding yet) and apply the format and size checks."""
+    if not data:
+        raise ImageError("empty", "the file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageError("too_large", f"image too large: {error}") from None
+    except UnidentifiedImageError:
+        raise ImageError("unsupported", "not an image, or a format ddsnet cannot read") from None
+    except OSError as error:
+        raise ImageError("corrupt", f"image header is unreadable: {error}") from None
+    if image.format not in SUPPORTED_FORMATS:
+        raise ImageError("unsupported", f"{image.format} images are not supported (use PNG, JPEG, TIFF, WebP or BMP)")
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageError("too_large", f"image is {width}x{height} = {width * height} pixels, the limit is {max_pixels}")
+    png = _png_bit_depth(data)
+    if png and png[0] == 16 and png[1] in (2, 4, 6):
+        raise ImageError("unsupported", "16-bit colour or grey+alpha PNGs are not supported (they would lose bits); 16-bit grey is")
+    if image.format == "TIFF" and image.mode.startswith(("RGB", "CMYK")):
+        bits = image.tag_v2.get(258, (8,))
+        if max(bits if isinstance(bits, tuple) else (bits,)) > 8:
+            raise ImageError("unsupported", "16-bit colour TIFFs are not supported (they would lose bits)")
+    return image
+
+
+def decode_image(data: bytes, max_pixels: int | None = None) -> DecodedImage:
+    """Decode an upload or file's bytes.
+
+    Raises:
+        ImageError: empty, unsupported, corrupt/truncated, or over ``max_pixels``.
+    """
+    image = probe(data, max_pixels)
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError as error:
+        raise ImageError("too_large", f"image too large: {error}") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageError("corrupt", f"image data is truncated or corrupt: {error}") from None
+
+    alpha = None
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif image.mode == "PA":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA"):
+        alpha = image.getchannel("A")
+        image = image.convert("RGB" if image.mode == "RGBA" else "L")
+
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        pixels = np.asarray(image, dtype=np.float32) / 65535.0
+        grey, bits = True, 16
+    elif image.mode in ("1", "L"):
+        pixels = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+        grey, bits = True, 8
+    elif image.mode == "F":
+        raise ImageError("unsupported", "floating-point images are not supported")
+    else:
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+        grey, bits = False, 8
+    tensor = torch.from_numpy(np.ascontiguousarray(pixels))
+    tensor = tensor.expand(3, *tensor.shape) if grey else tensor.permute(2, 0, 1)
+    return DecodedImage(tensor[None].contiguous().clamp_(0, 1), grey, bits, alpha)
+
+
+def encode_image(denoised: torch.Tensor, source: DecodedImage, output_format: str = "png") -> bytes:
+    """Encode a ``(1, 3, H, W)`` result in [0, 1] like ``source`` (grey stays grey, alpha is re-attached).
+
+    Raises:
+        ImageError: ``bad_output`` when the format cannot carry what the input has (alpha in JPEG, 16 bits).
+    """
+    fmt = OUTPUT_FORMATS.get(output_format.lower())
+    if fmt is None:
+        raise ImageError("bad_output", f"unknown output format {output_format!r}; use png, jpeg, webp or tiff")
+    if source.alpha is not None and fmt == "JPEG":
+        raise ImageError("bad_output", "JPEG cannot carry the input's alpha channel; ask for png or webp")
+    if source.bits == 16 and fmt not in ("PNG", "TIFF"):
+        raise ImageError("bad_output", "16-bit input keeps 16 bits: ask for png or tiff")
+    pixels = denoised[0].clamp(0, 1).cpu()
+    if source.grey:
+        grey = pixels.mean(dim=0).numpy()
+        if source.bits == 16:
+            image = Image.fromarray(np.round(grey * 65535).astype(np.uint16))
+        else:
+            image = Image.fromarray(np.round(grey * 255).astype(np.uint8), mode="L")
+    else:
+        image = Image.fromarray(np.round(pixels.permute(1, 2, 0).numpy() * 255).astype(np.uint8), mode="RGB")
+    if source.alpha is not None:
+        image.putalpha(source.alpha)
+    buffer = io.BytesIO()
+    options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def media_type(output_format: str) -> str:
+    return MEDIA_TYPES[OUTPUT_FORMATS[output_format.lower()]]

@@ -1,0 +1,163 @@
+"""The ``ddsnet`` CLI end to end on real photos from skimage.data, with the tiny random checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+from service.cli import main
+
+
+@pytest.fixture(scope="module")
+def astronaut_png(tmp_path_factory):
+    path = tmp_path_factory.mktemp("photos") / "astronaut.png"
+    Image.fromarray(data.astronaut()[100:220, 150:310]).save(path)
+    return path
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("quality", ["auto", "fast", "best"])
+def test_denoise_one_photo_with_json(capsys, tiny_checkpoint, astronaut_png, tmp_path, quality):
+    out = tmp_path / "clean.png"
+    code, stdout, _ = run_cli(capsys, "denoise", str(astronaut_png), "-o", str(out), "--checkpoint",
+                              tiny_checkpoint, "--quality", quality, "--json")
+    assert code == 0
+    record = json.loads(stdout)
+    assert record["input"] == str(astronaut_png) and record["output"] == str(out)
+    assert record["subnet"] in (0, 1, 2)
+    if quality == "best":
+        assert record["subnet"] == 0
+    if quality == "fast":
+        assert record["subnet"] == 2
+    assert record["mflops_per_pixel"] > 0 and record["seconds"] > 0
+    with Image.open(out) as result, Image.open(astronaut_png) as source:
+        assert result.size == source.size and result.mode == "RGB"
+        assert not np.array_equal(np.asarray(result), np.asarray(source))
+
+
+def test_auto_reports_the_gate_cost_on_top_of_the_network(capsys, tiny_checkpoint, astronaut_png, tmp_path):
+    costs = {}
+    for quality in ("auto", "best", "fast"):
+        _, stdout, _ = run_cli(capsys, "denoise", str(astronaut_png), "-o", str(tmp_path / f"{quality}.png"),
+                               "--checkpoint", tiny_checkpoint, "--quality", quality, "--json")
+        record = json.loads(stdout)
+        costs[quality] = (record["subnet"], record["mflops_per_pixel"])
+    chosen = {0: "best", 2: "fast"}.get(costs["auto"][0])
+    if chosen:
+        assert costs["auto"][1] > costs[chosen][1]
+
+
+def test_several_inputs_go_to_a_folder_and_bad_ones_do_not_stop_the_rest(capsys, tiny_checkpoint, astronaut_png,
+                                                                         tmp_path):
+    grey = tmp_path / "grey.jpg"
+    Image.fromarray(data.camera()[:64, :80]).save(grey)
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("this is text")
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(astronaut_png.read_bytes()[:2000])
+    folder = tmp_path / "out"
+    code, stdout, stderr = run_cli(capsys, "denoise", str(astronaut_png), str(tmp_path / "missing.png"),
+                                   str(not_image), str(truncated), str(grey), "-o", str(folder),
+                                   "--checkpoint", tiny_checkpoint, "--json")
+    assert code != 0
+    errors = stderr.strip().splitlines()
+    assert len(errors) == 3 and all(line.startswith("error: ") for line in errors)
+    assert "missing.png" in errors[0] and "notes.png" in errors[1] and "cut.png" in errors[2]
+    records = [json.loads(line) for line in stdout.splitlines()]
+    assert [r["output"] for r in records] == [str(folder / "astronaut.png"), str(folder / "grey.png")]
+    with Image.open(folder / "grey.png") as result:
+        assert result.mode == "L" and result.size == (80, 64)
+
+
+def test_alpha_passes_through_untouched(capsys, tiny_checkpoint, tmp_path):
+    rgba = np.dstack([data.astronaut()[:40, :56], np.tile(np.arange(56, dtype=np.uint8) * 4, (40, 1))])
+    source = tmp_path / "rgba.png"
+    Image.fromarray(rgba, "RGBA").save(source)
+    out = tmp_path / "rgba.out.png"
+    assert run_cli(capsys, "denoise", str(source), "-o", str(out), "--checkpoint", tiny_checkpoint)[0] == 0
+    with Image.open(out) as result:
+        assert result.mode == "RGBA"
+        assert np.array_equal(np.asarray(result)[..., 3], rgba[..., 3])
+
+
+def test_exif_orientation_is_applied(capsys, tiny_checkpoint, tmp_path):
+    source = tmp_path / "rotated.jpg"
+    image = Image.fromarray(data.astronaut()[:48, :80])
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    image.save(source, exif=exif)
+    out = tmp_path / "rotated.png"
+    assert run_cli(capsys, "denoise", str(source), "-o", str(out), "--checkpoint", tiny_checkpoint)[0] == 0
+    with Image.open(out) as result:
+        assert result.size == (48, 80)
+
+
+def test_sixteen_bit_grey_keeps_sixteen_bits_and_sixteen_bit_colour_is_refused(capsys, tiny_checkpoint, tmp_path):
+    grey16 = tmp_path / "grey16.png"
+    values = (np.linspace(0, 65535, 48 * 40).reshape(40, 48)).astype(np.uint16)
+    Image.fromarray(values).save(grey16)
+    out = tmp_path / "grey16.out.png"
+    assert run_cli(capsys, "denoise", str(grey16), "-o", str(out), "--checkpoint", tiny_checkpoint)[0] == 0
+    with Image.open(out) as result:
+        array = np.asarray(result)
+        assert result.mode.startswith("I") and array.max() > 255
+        assert len(np.unique(array)) > 256
+
+    rgb16 = tmp_path / "rgb16.png"
+    rgb16.write_bytes(_png_rgb16(8, 8))
+    code, _, stderr = run_cli(capsys, "denoise", str(rgb16), "-o", str(tmp_path / "x.png"), "--checkpoint",
+                              tiny_checkpoint)
+    assert code != 0 and "16-bit" in stderr
+
+
+def _png_rgb16(width: int, height: int) -> bytes:
+    """A valid 16-bit RGB PNG, written by hand (Pillow cannot write one)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = b"".join(b"\x00" + bytes(range(6)) * width for _ in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def test_missing_checkpoint_says_how_to_make_one(capsys, astronaut_png, tmp_path):
+    code, _, stderr = run_cli(capsys, "denoise", str(astronaut_png), "--checkpoint", str(tmp_path / "none.st"))
+    assert code == 2 and "checkpoint not found" in stderr and "ddsnet train" in stderr
+
+
+def test_info_json(capsys, tiny_checkpoint):
+    code, stdout, _ = run_cli(capsys, "info", "--checkpoint", tiny_checkpoint, "--json")
+    assert code == 0
+    info = json.loads(stdout)
+    assert len(info["subnets"]) == 3
+    assert {"channels", "mflops_per_pixel", "val_psnr"} <= set(info["subnets"][0])
+    assert info["subnets"][0]["mflops_per_pixel"] > info["subnets"][2]["mflops_per_pixel"]
+    assert info["gate_mflops_per_pixel"] > 0
+
+
+def test_info_table(capsys, tiny_checkpoint):
+    code, stdout, _ = run_cli(capsys, "info", "--checkpoint", tiny_checkpoint)
+    assert code == 0 and "MFLOPs/px" in stdout and "channels:" in stdout
+
+
+def test_console_script_is_installed(tiny_checkpoint):
+    executable = shutil.which("ddsnet") or str(__import__("pathlib").Path(sys.executable).with_name("ddsnet"))
+    result = subprocess.run([executable, "info", "--checkpoint", tiny_checkpoint, "--json"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)["subnets"]) == 3

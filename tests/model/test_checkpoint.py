@@ -1,0 +1,110 @@
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from model import CheckpointError, Gate, GateConfig, load_checkpoint, save_checkpoint
+from tests.conftest import randomize, tiny_subnets
+
+
+def test_round_trip_keeps_weights_table_and_provenance(tiny_net, tmp_path):
+    gate = Gate(GateConfig(num_subnets=3))
+    subnets = tiny_subnets(tiny_net)
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(path, tiny_net, gate, subnets, gate_trained=True, provenance={"steps": 5})
+    loaded = load_checkpoint(path)
+    assert loaded.subnets == subnets and loaded.gate_trained and loaded.provenance == {"steps": 5}
+    for name, tensor in tiny_net.state_dict().items():
+        assert torch.equal(loaded.net.state_dict()[name], tensor)
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded.net(x, subnets[1].channels), tiny_net(x, subnets[1].channels))
+        assert torch.equal(loaded.gate(x), gate(x))
+
+
+def test_fp16_checkpoint_loads_as_float32(tiny_net, tmp_path):
+    path = tmp_path / "half.safetensors"
+    save_checkpoint(path, tiny_net, Gate(GateConfig(num_subnets=3)), tiny_subnets(tiny_net), gate_trained=False,
+                    dtype=torch.float16)
+    loaded = load_checkpoint(path)
+    assert loaded.net.head.weight.dtype == torch.float32
+    assert torch.allclose(loaded.net.head.weight, tiny_net.head.weight, atol=1e-3)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope.safetensors")
+
+
+def test_truncated_file_is_refused(tiny_checkpoint, tmp_path):
+    data = open(tiny_checkpoint, "rb").read()
+    for cut in (5, 100, len(data) - 10):
+        path = tmp_path / f"cut{cut}.safetensors"
+        path.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match="truncated|corrupted|not a readable"):
+            load_checkpoint(path)
+
+
+def test_flipped_weight_bytes_are_refused(tiny_checkpoint, tmp_path):
+    data = bytearray(open(tiny_checkpoint, "rb").read())
+    data[-20] ^= 0xFF
+    path = tmp_path / "flipped.safetensors"
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_checkpoint(path)
+
+
+def test_not_a_checkpoint(tmp_path):
+    plain = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(2)}, str(plain))
+    with pytest.raises(CheckpointError, match="not a ddsnet checkpoint"):
+        load_checkpoint(plain)
+    text = tmp_path / "text.safetensors"
+    text.write_text("hello, I am not a checkpoint")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(text)
+
+
+def _rewrite_metadata(source: str, target, edit) -> None:
+    """Rewrite the JSON header of a safetensors file, keeping its tensor bytes."""
+    data = open(source, "rb").read()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    document = json.loads(header["__metadata__"]["ddsnet"])
+    edit(document)
+    header["__metadata__"]["ddsnet"] = json.dumps(document)
+    new_header = json.dumps(header).encode()
+    new_header += b" " * (-len(new_header) % 8)
+    target.write_bytes(struct.pack("<Q", len(new_header)) + new_header + data[8 + length :])
+
+
+def test_config_that_does_not_match_the_weights_is_refused(tiny_checkpoint, tmp_path):
+    path = tmp_path / "mismatch.safetensors"
+
+    def widen(document):
+        document["model"]["channels"] = [16, 16, 32]
+        document["subnets"] = document["subnets"][:1]
+        document["subnets"][0]["channels"][0] = 16
+        document["gate"]["config"]["num_subnets"] = 1
+
+    _rewrite_metadata(tiny_checkpoint, path, widen)
+    with pytest.raises(CheckpointError, match="shape"):
+        load_checkpoint(path)
+
+
+def test_bad_version_and_bad_table_are_refused(tiny_checkpoint, tmp_path):
+    path = tmp_path / "v.safetensors"
+    _rewrite_metadata(tiny_checkpoint, path, lambda d: d.update(version=99))
+    with pytest.raises(CheckpointError, match="version"):
+        load_checkpoint(path)
+    _rewrite_metadata(tiny_checkpoint, path, lambda d: d["subnets"][0].update(channels=[1, 2, 3]))
+    with pytest.raises(CheckpointError, match="sub-network table"):
+        load_checkpoint(path)
+
+
+def test_save_refuses_a_gate_of_the_wrong_size(tiny_net, tmp_path):
+    with pytest.raises(ValueError):
+        save_checkpoint(tmp_path / "x.safetensors", randomize(tiny_net), Gate(GateConfig(num_subnets=2)),
+                        tiny_subnets(tiny_net), gate_trained=False)

@@ -1,0 +1,139 @@
+"""Stage configs: a dataclass per concern, read from YAML, with ``--set a.b=value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+ConfigT = TypeVar("ConfigT")
+
+
+@dataclass
+class DataConfig:
+    """Where the photos are and how they are corrupted. Sigmas are on the 0-255 scale."""
+
+    train_dir: str = "../shared/data/photos/train"
+    val_dir: str = "../shared/data/photos/val"
+    sigma_min: float = 0.0
+    sigma_max: float = 55.0
+    quantize: bool = True
+    val_sigmas: list[float] = field(default_factory=lambda: [15.0, 25.0, 50.0])
+    val_crop: int = 256
+    val_seed: int = 1234
+
+
+@dataclass
+class SupernetStage:
+    """Stage 1: sandwich-rule training with in-place distillation."""
+
+    out_dir: str = "runs/supernet"
+    model: dict = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    steps: int = 3000
+    # [fraction of training at which it starts, crop side, batch size]
+    crop_schedule: list[list[float]] = field(default_factory=lambda: [[0.0, 64, 16], [0.5, 96, 12], [0.8, 128, 8]])
+    lr: float = 5e-4
+    lr_min: float = 1e-6
+    warmup_steps: int = 100
+    random_widths: int = 2
+    distill_weight: float = 1.0
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    log_every: int = 10
+    val_every: int = 250
+    save_every: int = 50
+    max_minutes: float = 0.0  # > 0: save and stop after this long, to be continued with --resume
+    seed: int = 0
+
+
+@dataclass
+class TailorStage:
+    """Stage 2: greedy progressive channel tailoring (AutoSlim)."""
+
+    supernet: str = "runs/supernet/supernet.safetensors"
+    out_dir: str = "runs/tailor"
+    data: DataConfig = field(default_factory=DataConfig)
+    search_crop: int = 128
+    search_sigmas: list[float] = field(default_factory=lambda: [15.0, 25.0, 50.0])
+    # FLOPs fractions of the widest at which a sub-network is recorded (the widest itself is always first).
+    targets: list[float] = field(default_factory=lambda: [0.7, 0.45, 0.25])
+    # "psnr": keep the cut that loses the least PSNR (AutoSlim); "psnr_per_flop": least loss per FLOP saved.
+    criterion: str = "psnr"
+
+
+@dataclass
+class GateStage:
+    """Stage 3: gate training on online labels (smallest sub-network within ``delta_db`` of the widest)."""
+
+    tailored: str = "runs/tailor/tailored.safetensors"
+    out: str = "runs/gate/ddsnet.safetensors"
+    data: DataConfig = field(default_factory=DataConfig)
+    delta_db: float = 0.1
+    delta_sweep: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.5])
+    steps: int = 300
+    batch_size: int = 16
+    crop: int = 128
+    lr: float = 2e-3
+    cost_weight: float = 0.0
+    gate: dict = field(default_factory=dict)
+    log_every: int = 10
+    save_dtype: str = "float32"
+    seed: int = 0
+
+
+def _convert(value: str) -> Any:
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=value`` strings to a nested dict; values are parsed as YAML scalars or lists."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        node = raw
+        *parents, leaf = key.split(".")
+        for name in parents:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {name} is not a section")
+        node[leaf] = _convert(value)
+    return raw
+
+
+def _build(cls: type[ConfigT], raw: dict, where: str = "") -> ConfigT:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(where + k for k in unknown)}")
+    values = {}
+    for name, value in raw.items():
+        default = known[name].default_factory() if known[name].default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            value = _build(type(default), value, f"{where}{name}.")
+        values[name] = value
+    return cls(**values)
+
+
+def load_config(cls: type[ConfigT], path: str | Path | None, overrides: list[str] | None = None) -> ConfigT:
+    """Read ``path`` (YAML; ``None`` = defaults), apply overrides and build ``cls``."""
+    raw = {}
+    if path is not None:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: the top level must be a mapping")
+    return _build(cls, apply_overrides(raw, overrides or []))
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Write the effective config as YAML next to a stage's outputs."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(config))), sort_keys=False))

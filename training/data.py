@@ -1,0 +1,90 @@
+"""Training and validation data: any folder of clean images, blind AWGN, fixed-seed validation noise."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from model.metrics import add_noise
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+    return paths
+
+
+def load_rgb(path: Path) -> torch.Tensor:
+    """``(3, H, W)`` uint8, EXIF orientation applied."""
+    with Image.open(path) as image:
+        rgb = ImageOps.exif_transpose(image).convert("RGB")
+        return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
+
+
+class PatchSampler:
+    """Random crops with flips and 90-degree rotations from images held in memory as uint8."""
+
+    def __init__(self, folder: str | Path, seed: int = 0) -> None:
+        self.images = [load_rgb(p) for p in list_images(folder)]
+        self.rng = random.Random(seed)
+
+    def sample(self, batch_size: int, crop: int) -> torch.Tensor:
+        """``(B, 3, crop, crop)`` float in [0, 1]."""
+        patches = []
+        for _ in range(batch_size):
+            image = self.rng.choice(self.images)
+            height, width = image.shape[-2:]
+            side = min(crop, height, width)
+            y, x = self.rng.randint(0, height - side), self.rng.randint(0, width - side)
+            patch = image[:, y : y + side, x : x + side]
+            if side < crop:
+                patch = torch.nn.functional.interpolate(patch[None].float(), size=(crop, crop), mode="bilinear")[0]
+            if self.rng.random() < 0.5:
+                patch = patch.flip(-1)
+            patch = torch.rot90(patch, self.rng.randint(0, 3), dims=(-2, -1))
+            patches.append(patch.float() / 255)
+        return torch.stack(patches)
+
+    def state(self) -> object:
+        return self.rng.getstate()
+
+    def set_state(self, state: object) -> None:
+        self.rng.setstate(state)
+
+
+def blind_noisy(clean: torch.Tensor, sigma_min: float, sigma_max: float, quantize: bool, generator: torch.Generator):
+    """Per-image sigma drawn uniformly from ``[sigma_min, sigma_max]``; returns ``(noisy, sigmas)``."""
+    sigmas = torch.empty(clean.shape[0], 1, 1, 1).uniform_(sigma_min, sigma_max, generator=generator)
+    return add_noise(clean, sigmas, generator, quantize), sigmas.flatten()
+
+
+def center_crop(image: torch.Tensor, crop: int) -> torch.Tensor:
+    height, width = image.shape[-2:]
+    side_h, side_w = min(crop, height), min(crop, width)
+    y, x = (height - side_h) // 2, (width - side_w) // 2
+    return image[..., y : y + side_h, x : x + side_w]
+
+
+def fixed_noisy_set(
+    folder: str | Path, sigmas: list[float], seed: int, crop: int | None = None
+) -> list[tuple[str, float, torch.Tensor, torch.Tensor]]:
+    """Validation pairs ``(name, sigma, clean, noisy)``, each ``(1, 3, H, W)``, with reproducible noise."""
+    pairs = []
+    for index, path in enumerate(list_images(folder)):
+        clean = load_rgb(path).float()[None] / 255
+        if crop:
+            clean = center_crop(clean, crop)
+        for sigma in sigmas:
+            generator = torch.Generator().manual_seed(seed + 1000 * index + int(sigma * 10))
+            pairs.append((path.name, float(sigma), clean, add_noise(clean, sigma, generator, quantize=True)))
+    return pairs

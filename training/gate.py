@@ -1,0 +1,160 @@
+"""Stage 3: train the gate on labels found online, then write the final (gated) checkpoint.
+
+For each training crop, all K sub-networks run (the supernet is frozen); the label is the smallest
+sub-network whose PSNR is within ``delta`` dB of the widest. One gate is trained per delta of the sweep
+from the same online PSNRs (the gate is tiny, the PSNRs are the cost), so the sweep's PSNR-FLOPs curve
+comes almost for free. The gate at ``delta_db`` is shipped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.flops import gate_macs
+from model.gate import Gate, GateConfig
+from model.metrics import psnr
+from model.tiling import denoise_whole
+from training.common import JsonLog
+from training.config import GateStage, save_config
+from training.data import PatchSampler, blind_noisy, fixed_noisy_set
+
+
+def smallest_within(psnrs: torch.Tensor, mflops: torch.Tensor, delta: float) -> torch.Tensor:
+    """The label rule: per row, the cheapest sub-network whose PSNR >= the widest's PSNR - ``delta``.
+
+    Args:
+        psnrs: ``(B, K)`` PSNR of every sub-network on every sample.
+        mflops: ``(K,)`` cost of each sub-network; the most expensive one is "the widest".
+        delta: tolerance in dB.
+
+    Returns:
+        ``(B,)`` int64 labels (indices into the K sub-networks).
+    """
+    widest = int(mflops.argmax())
+    good = psnrs >= psnrs[:, widest : widest + 1] - delta
+    cost = torch.where(good, mflops.expand_as(psnrs), torch.full_like(psnrs, float("inf")))
+    return cost.argmin(dim=1)
+
+
+@torch.inference_mode()
+def subnet_psnrs(net, subnets, noisy: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """``(B, K)`` PSNR of each sub-network on a batch."""
+    return torch.stack([psnr(net(noisy, s.channels), clean) for s in subnets], dim=1)
+
+
+def _validation_table(net, subnets, pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per validation pair: PSNR of every sub-network ``(N, K)`` and the noisy inputs."""
+    rows = []
+    for _, _, clean, noisy in tqdm(pairs, desc="gate (validation PSNRs)"):
+        rows.append(torch.stack([psnr(denoise_whole(net, noisy, s.channels), clean)[0] for s in subnets]))
+    return torch.stack(rows), [noisy for _, _, _, noisy in pairs]
+
+
+def _report(gate: Gate, table: torch.Tensor, noisies: list, mflops: torch.Tensor, delta: float, sigmas) -> dict:
+    """Accuracy, confusion matrix, and auto/best/fast PSNR and FLOPs on the validation pairs."""
+    gate.eval()
+    with torch.inference_mode():
+        picks = torch.tensor([int(gate(noisy).argmax()) for noisy in noisies])
+    labels = smallest_within(table, mflops, delta)
+    k = len(mflops)
+    confusion = torch.zeros(k, k, dtype=torch.int64)
+    for label, pick in zip(labels.tolist(), picks.tolist()):
+        confusion[label, pick] += 1
+    rows = torch.arange(len(picks))
+    gate_mflops = [2 * gate_macs(gate.config, *n.shape[-2:]) / n.shape[-1] / n.shape[-2] / 1e6 for n in noisies]
+    best, fast = int(mflops.argmax()), int(mflops.argmin())
+    auto_psnr = table[rows, picks]
+    by_sigma = {}
+    for sigma in sorted(set(sigmas)):
+        mask = torch.tensor([s == sigma for s in sigmas])
+        by_sigma[f"{sigma:g}"] = {
+            "auto_psnr": round(auto_psnr[mask].mean().item(), 4),
+            "best_psnr": round(table[mask, best].mean().item(), 4),
+            "fast_psnr": round(table[mask, fast].mean().item(), 4),
+            "auto_mflops_per_pixel": round(mflops[picks[mask]].mean().item() + sum(gate_mflops) / len(gate_mflops), 6),
+        }
+    return {
+        "delta_db": delta,
+        "accuracy": round((picks == labels).float().mean().item(), 4),
+        "confusion_matrix_label_by_pick": confusion.tolist(),
+        "auto_psnr": round(auto_psnr.mean().item(), 4),
+        "auto_mflops_per_pixel": round(mflops[picks].mean().item() + sum(gate_mflops) / len(gate_mflops), 6),
+        "oracle_psnr": round(table[rows, labels].mean().item(), 4),
+        "oracle_mflops_per_pixel": round(mflops[labels].mean().item(), 6),
+        "best_psnr": round(table[:, best].mean().item(), 4),
+        "best_mflops_per_pixel": round(mflops[best].item(), 6),
+        "fast_psnr": round(table[:, fast].mean().item(), 4),
+        "fast_mflops_per_pixel": round(mflops[fast].item(), 6),
+        "by_sigma": by_sigma,
+    }
+
+
+def train_gate(config: GateStage, command: str = "") -> Path:
+    """Run stage 3 on the tailored checkpoint; writes the gated checkpoint and ``gate_report.json`` beside it."""
+    out = Path(config.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_config(config, out.parent / "gate_config.yaml")
+    checkpoint = load_checkpoint(config.tailored)
+    net, subnets = checkpoint.net, checkpoint.subnets
+    net.requires_grad_(False)
+    mflops = torch.tensor([s.mflops_per_pixel for s in subnets])
+    relative_cost = mflops / mflops.max()
+    torch.manual_seed(config.seed)
+    deltas = sorted(set(config.delta_sweep) | {config.delta_db})
+    gate_config = GateConfig.from_dict({**config.gate, "num_subnets": len(subnets)})
+    gates = {delta: Gate(gate_config) for delta in deltas}
+    optimizers = {delta: torch.optim.Adam(g.parameters(), lr=config.lr) for delta, g in gates.items()}
+    sampler = PatchSampler(config.data.train_dir, seed=config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    log = JsonLog(out.parent / "gate_log.jsonl")
+    started = time.time()
+
+    for step in tqdm(range(1, config.steps + 1), desc="gate", dynamic_ncols=True):
+        lr = config.lr * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * (step - 1) / config.steps)).item())
+        clean = sampler.sample(config.batch_size, config.crop)
+        noisy, _ = blind_noisy(clean, config.data.sigma_min, config.data.sigma_max, config.data.quantize, generator)
+        psnrs = subnet_psnrs(net, subnets, noisy, clean)
+        record = {"step": step, "lr": round(lr, 6)}
+        for delta, gate in gates.items():
+            labels = smallest_within(psnrs, mflops, delta)
+            logits = gate(noisy)
+            loss = F.cross_entropy(logits, labels)
+            if config.cost_weight:
+                loss = loss + config.cost_weight * (logits.softmax(dim=1) @ relative_cost).mean()
+            for group in optimizers[delta].param_groups:
+                group["lr"] = lr
+            optimizers[delta].zero_grad(set_to_none=True)
+            loss.backward()
+            optimizers[delta].step()
+            record[f"delta_{delta:g}"] = {
+                "loss": round(loss.item(), 5),
+                "accuracy": round((logits.argmax(dim=1) == labels).float().mean().item(), 4),
+                "label_histogram": torch.bincount(labels, minlength=len(subnets)).tolist(),
+            }
+        if step % config.log_every == 0 or step == config.steps:
+            log.write(**record, seconds=round(time.time() - started, 1))
+
+    pairs = fixed_noisy_set(config.data.val_dir, config.data.val_sigmas, config.data.val_seed)
+    table, noisies = _validation_table(net, subnets, pairs)
+    sigmas = [sigma for _, sigma, _, _ in pairs]
+    sweep = [_report(gate, table, noisies, mflops, delta, sigmas) for delta, gate in gates.items()]
+    shipped = next(r for r in sweep if r["delta_db"] == config.delta_db)
+    report = {"shipped": shipped, "delta_sweep": sweep, "subnets": [s.to_dict() for s in subnets]}
+    (out.parent / "gate_report.json").write_text(json.dumps(report, indent=2))
+    log.write(report=shipped, seconds=round(time.time() - started, 1))
+
+    provenance = dict(checkpoint.provenance)
+    provenance["gate"] = {
+        "command": command, "train_dir": config.data.train_dir, "steps": config.steps, "delta_db": config.delta_db,
+        "val_accuracy": shipped["accuracy"], "seconds": round(time.time() - started, 1),
+    }
+    dtype = {"float32": torch.float32, "float16": torch.float16}[config.save_dtype]
+    save_checkpoint(out, net, gates[config.delta_db], subnets, gate_trained=True, provenance=provenance, dtype=dtype)
+    return out

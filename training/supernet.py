@@ -1,0 +1,173 @@
+"""Stage 1: train the weight-shared slimmable supernet with the sandwich rule and in-place distillation.
+
+Every step trains the widest configuration on the clean target, then the slimmest and
+``random_widths`` random per-group configurations on the clean target plus the widest's detached output.
+Gradients of all members accumulate into one Adam step. An EMA of the weights is what gets exported.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from model.checkpoint import Subnet, save_checkpoint
+from model.flops import supernet_mflops_per_pixel
+from model.gate import Gate, GateConfig
+from model.supernet import SlimUNet, SupernetConfig
+from training.common import JsonLog, cosine_lr, psnr_by_sigma
+from training.config import SupernetStage, save_config
+from training.data import PatchSampler, blind_noisy, fixed_noisy_set
+
+STATE_FILE = "state.safetensors"
+EXPORT_FILE = "supernet.safetensors"
+
+
+def crop_for_step(schedule: list[list[float]], step: int, total: int) -> tuple[int, int]:
+    """The ``(crop, batch)`` in force at ``step``: the last schedule entry whose start fraction has passed."""
+    crop, batch = int(schedule[0][1]), int(schedule[0][2])
+    for start, entry_crop, entry_batch in schedule:
+        if step >= start * total:
+            crop, batch = int(entry_crop), int(entry_batch)
+    return crop, batch
+
+
+def save_state(path: Path, net, ema, optimizer, step: int, sampler: PatchSampler, generator, elapsed: float) -> None:
+    """Everything needed to resume, in safetensors (no pickle): weights, EMA, Adam moments, counters."""
+    tensors = {f"net.{k}": v.detach().contiguous() for k, v in net.state_dict().items()}
+    tensors |= {f"ema.{k}": v.detach().contiguous() for k, v in ema.state_dict().items()}
+    adam_steps = {}
+    for index, param in enumerate(net.parameters()):
+        state = optimizer.state.get(param)
+        if state:
+            tensors[f"adam.{index}.exp_avg"] = state["exp_avg"].contiguous()
+            tensors[f"adam.{index}.exp_avg_sq"] = state["exp_avg_sq"].contiguous()
+            adam_steps[index] = float(state["step"])
+    tensors["noise_generator"] = generator.get_state()
+    meta = {
+        "step": step,
+        "elapsed_s": elapsed,
+        "adam_steps": adam_steps,
+        "sampler_rng": sampler.state(),
+        "model": net.config.to_dict(),
+    }
+    partial = path.with_name(path.name + ".partial")
+    save_file(tensors, str(partial), metadata={"resume": json.dumps(meta)})
+    partial.replace(path)
+
+
+def load_state(path: Path, net, ema, optimizer, sampler: PatchSampler, generator) -> tuple[int, float]:
+    with safe_open(str(path), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["resume"])
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    if meta["model"] != net.config.to_dict():
+        raise ValueError(f"{path} was saved for model {meta['model']}, the config asks for {net.config.to_dict()}")
+    net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    for index, param in enumerate(net.parameters()):
+        if f"adam.{index}.exp_avg" in tensors:
+            optimizer.state[param] = {
+                "step": torch.tensor(meta["adam_steps"][str(index)]),
+                "exp_avg": tensors[f"adam.{index}.exp_avg"],
+                "exp_avg_sq": tensors[f"adam.{index}.exp_avg_sq"],
+            }
+    generator.set_state(tensors["noise_generator"])
+    state = meta["sampler_rng"]
+    sampler.set_state((state[0], tuple(state[1]), state[2]))
+    return int(meta["step"]), float(meta["elapsed_s"])
+
+
+def export_supernet(path: Path, ema: SlimUNet, provenance: dict) -> None:
+    """Write the EMA supernet as a ddsnet checkpoint with its widest and slimmest as the table."""
+    subnets = [
+        Subnet(widths, supernet_mflops_per_pixel(ema, widths)) for widths in (ema.widest(), ema.slimmest())
+    ]
+    gate = Gate(GateConfig(num_subnets=len(subnets)))
+    save_checkpoint(path, ema, gate, subnets, gate_trained=False, provenance=provenance)
+
+
+def train_supernet(config: SupernetStage, resume: bool = False, command: str = "") -> Path:
+    """Run (or continue) stage 1; returns the exported checkpoint path."""
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, out_dir / "config.yaml")
+    torch.manual_seed(config.seed)
+    net = SlimUNet(SupernetConfig.from_dict(config.model))
+    ema = SlimUNet(net.config)
+    ema.load_state_dict(net.state_dict())
+    ema.requires_grad_(False)
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
+    sampler = PatchSampler(config.data.train_dir, seed=config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    width_rng = random.Random(config.seed + 1)
+    val_pairs = fixed_noisy_set(config.data.val_dir, config.data.val_sigmas, config.data.val_seed, config.data.val_crop)
+    log = JsonLog(out_dir / "log.jsonl")
+
+    step, elapsed = 0, 0.0
+    state_path = out_dir / STATE_FILE
+    if resume:
+        if not state_path.is_file():
+            raise FileNotFoundError(f"--resume: no {state_path} to resume from")
+        step, elapsed = load_state(state_path, net, ema, optimizer, sampler, generator)
+        width_rng.seed(config.seed + 1 + step)
+    started, session_started = time.time() - elapsed, time.time()
+    widest, slimmest = net.widest(), net.slimmest()
+    progress = tqdm(total=config.steps, initial=step, desc="supernet", dynamic_ncols=True)
+    while step < config.steps:
+        crop, batch = crop_for_step(config.crop_schedule, step, config.steps)
+        lr = cosine_lr(step, config.steps, config.lr, config.lr_min, config.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        clean = sampler.sample(batch, crop)
+        noisy, _ = blind_noisy(clean, config.data.sigma_min, config.data.sigma_max, config.data.quantize, generator)
+
+        optimizer.zero_grad(set_to_none=True)
+        teacher = net(noisy, widest)
+        loss_widest = F.l1_loss(teacher, clean)
+        loss_widest.backward()
+        teacher = teacher.detach()
+        members = [slimmest] + [net.random_widths(width_rng) for _ in range(config.random_widths)]
+        member_losses = []
+        for widths in members:
+            student = net(noisy, widths)
+            loss = F.l1_loss(student, clean) + config.distill_weight * F.l1_loss(student, teacher)
+            loss.backward()
+            member_losses.append(loss.item())
+        torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
+        optimizer.step()
+        with torch.no_grad():
+            for ema_param, param in zip(ema.parameters(), net.parameters()):
+                ema_param.lerp_(param, 1 - config.ema_decay)
+        step += 1
+        progress.update(1)
+        elapsed = time.time() - started
+
+        if step % config.log_every == 0:
+            log.write(
+                step=step, lr=lr, crop=crop, batch=batch, loss_widest=round(loss_widest.item(), 6),
+                loss_slimmest=round(member_losses[0], 6), loss_random=[round(x, 6) for x in member_losses[1:]],
+                seconds=round(elapsed, 1),
+            )
+            progress.set_postfix(loss=f"{loss_widest.item():.4f}", lr=f"{lr:.2e}")
+        if step % config.val_every == 0 or step == config.steps:
+            ema.eval()
+            log.write(
+                step=step, val_psnr_widest=psnr_by_sigma(ema, widest, val_pairs),
+                val_psnr_slimmest=psnr_by_sigma(ema, slimmest, val_pairs), seconds=round(elapsed, 1),
+            )
+        over_time = config.max_minutes > 0 and time.time() - session_started > 60 * config.max_minutes
+        if step % config.save_every == 0 or step == config.steps or over_time:
+            save_state(state_path, net, ema, optimizer, step, sampler, generator, elapsed)
+            export_supernet(out_dir / EXPORT_FILE, ema, {"stage": "supernet", "step": step, "command": command,
+                                                         "train_dir": config.data.train_dir, "seconds": elapsed})
+        if over_time:
+            break
+    progress.close()
+    return out_dir / EXPORT_FILE

@@ -1,0 +1,136 @@
+"""Stage 2: progressive channel tailoring (AutoSlim-style greedy search) in one pass.
+
+Starting from the widest configuration, each iteration tries cutting every slimmable group by one step
+on a fixed validation batch and keeps the cut that costs the least PSNR. Whenever the FLOPs fall under the
+next target fraction, the configuration is recorded. The result is a table of K sub-networks, widest first.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from model.checkpoint import Subnet, load_checkpoint, save_checkpoint
+from model.flops import supernet_mflops_per_pixel
+from model.gate import Gate, GateConfig
+from model.metrics import psnr
+from model.supernet import SlimUNet, WidthConfig, WidthGroup
+from training.common import JsonLog, psnr_by_sigma
+from training.config import TailorStage, save_config
+from training.data import fixed_noisy_set
+
+TAILORED_FILE = "tailored.safetensors"
+
+
+def search_batch(config: TailorStage) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed validation batch ``(clean, noisy)``: a centre crop of every image at every search sigma."""
+    pairs = fixed_noisy_set(config.data.val_dir, config.search_sigmas, config.data.val_seed, config.search_crop)
+    side = min(min(clean.shape[-2:]) for _, _, clean, _ in pairs)
+    side -= side % 8
+    clean = torch.cat([c[..., :side, :side] for _, _, c, _ in pairs])
+    noisy = torch.cat([n[..., :side, :side] for _, _, _, n in pairs])
+    return clean, noisy
+
+
+def greedy_tailor(
+    groups: tuple[WidthGroup, ...],
+    start: WidthConfig,
+    score: Callable[[WidthConfig], float],
+    cost: Callable[[WidthConfig], float],
+    targets: list[float],
+    criterion: str = "psnr",
+    on_cut: Callable[[dict], None] | None = None,
+) -> list[WidthConfig]:
+    """Cut one group by one step at a time, keeping the cheapest cut in ``score``, until every target is met.
+
+    Args:
+        groups: the slimmable groups (their steps and minimum widths bound the search).
+        start: the widest configuration, always the first one returned.
+        score: PSNR (higher is better) of a configuration on the fixed batch.
+        cost: FLOPs of a configuration.
+        targets: fractions of ``cost(start)``, descending; a configuration is recorded as it drops under each.
+        criterion: ``"psnr"`` keeps the cut with the highest score; ``"psnr_per_flop"`` the smallest
+            PSNR loss per FLOP saved.
+
+    Returns:
+        ``[start, config under targets[0], config under targets[1], ...]``.
+    """
+    if criterion not in ("psnr", "psnr_per_flop"):
+        raise ValueError(f"unknown tailoring criterion {criterion!r}")
+    current, full_cost = tuple(start), cost(start)
+    current_score = score(current)
+    recorded, pending = [current], sorted(targets, reverse=True)
+    while pending:
+        candidates = []
+        for index, group in enumerate(groups):
+            if current[index] - group.step < group.min_width:
+                continue
+            cut = current[:index] + (current[index] - group.step,) + current[index + 1 :]
+            candidates.append((cut, index, score(cut)))
+        if not candidates:
+            raise ValueError(f"cannot reach FLOPs target {pending[0]}: every group is at its minimum")
+
+        def rank(item: tuple[WidthConfig, int, float]) -> float:
+            cut, _, cut_score = item
+            if criterion == "psnr":
+                return cut_score
+            return -(current_score - cut_score) / max(cost(current) - cost(cut), 1e-9)
+
+        current, index, current_score = max(candidates, key=rank)
+        fraction = cost(current) / full_cost
+        if on_cut:
+            on_cut({"group": groups[index].name, "widths": list(current), "score": current_score, "fraction": fraction})
+        while pending and fraction <= pending[0]:
+            recorded.append(current)
+            pending.pop(0)
+    return recorded
+
+
+def tailor(config: TailorStage, command: str = "") -> Path:
+    """Run stage 2 on the supernet checkpoint; writes the tailored checkpoint and ``table.json``."""
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, out_dir / "config.yaml")
+    checkpoint = load_checkpoint(config.supernet)
+    net: SlimUNet = checkpoint.net
+    clean, noisy = search_batch(config)
+    log = JsonLog(out_dir / "log.jsonl")
+    started = time.time()
+
+    @torch.inference_mode()
+    def score(widths: WidthConfig) -> float:
+        return psnr(net(noisy, widths), clean).mean().item()
+
+    progress = tqdm(desc="tailor (cuts)", dynamic_ncols=True)
+
+    def on_cut(record: dict) -> None:
+        progress.update(1)
+        progress.set_postfix(flops=f"{record['fraction']:.2f}", psnr=f"{record['score']:.2f}")
+        log.write(**record, seconds=round(time.time() - started, 1))
+
+    configs = greedy_tailor(
+        net.groups, net.widest(), score, lambda w: supernet_mflops_per_pixel(net, w), config.targets,
+        config.criterion, on_cut,
+    )
+    progress.close()
+
+    val_pairs = fixed_noisy_set(config.data.val_dir, config.data.val_sigmas, config.data.val_seed)
+    subnets = []
+    for widths in tqdm(configs, desc="tailor (validation)"):
+        subnets.append(Subnet(widths, round(supernet_mflops_per_pixel(net, widths), 6), psnr_by_sigma(net, widths, val_pairs)))
+    table = [s.to_dict() for s in subnets]
+    (out_dir / "table.json").write_text(json.dumps(table, indent=2))
+    log.write(table=table, seconds=round(time.time() - started, 1))
+
+    provenance = dict(checkpoint.provenance)
+    provenance["tailor"] = {"command": command, "val_dir": config.data.val_dir, "targets": config.targets,
+                            "criterion": config.criterion, "seconds": round(time.time() - started, 1)}
+    gate = Gate(GateConfig(num_subnets=len(subnets)))
+    path = out_dir / TAILORED_FILE
+    save_checkpoint(path, net, gate, subnets, gate_trained=False, provenance=provenance)
+    return path
