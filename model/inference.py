@@ -80,14 +80,20 @@ class Denoiser:
     def window_macs(self, index: int, height: int, width: int) -> int:
         return supernet_macs(self.net, self.subnets[index].channels, height, width)
 
-    def denoise(self, noisy: torch.Tensor, quality: Quality | str = Quality.auto) -> DenoiseResult:
-        """Denoise one ``(1, 3, H, W)`` image in [0, 1] end to end, one tile at a time."""
-        index, macs = self.select(noisy, quality)
+    def run(self, noisy: torch.Tensor, index: int) -> tuple[torch.Tensor, int]:
+        """Denoise ``(1, 3, H, W)`` with sub-network ``index``, one tile at a time; returns (denoised, MACs)."""
         job = self.split(noisy)
+        macs = 0
         for tile_index, tile in enumerate(job.tiles):
             job.put(tile_index, self.run_windows(job.window(tile_index), index).cpu())
             macs += self.window_macs(index, *tile.shape)
-        return DenoiseResult(job.result(), index, 2 * macs)
+        return job.result(), macs
+
+    def denoise(self, noisy: torch.Tensor, quality: Quality | str = Quality.auto) -> DenoiseResult:
+        """Denoise one ``(1, 3, H, W)`` image in [0, 1] end to end: select, then run tiled."""
+        index, gate_cost = self.select(noisy, quality)
+        denoised, macs = self.run(noisy, index)
+        return DenoiseResult(denoised, index, 2 * (gate_cost + macs))
 
     def gate_mflops_per_pixel(self, side: int = 256) -> float:
         return 2 * gate_macs(self.gate.config, side, side) / (side * side) / 1e6

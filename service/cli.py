@@ -15,13 +15,15 @@ MISSING_HELP = (
 )
 
 
-def load_denoiser(path: str, device: str = "cpu"):
+def load_denoiser(path: str, device: str = "cpu", tile: int | None = None):
     """Load a checkpoint into a :class:`model.Denoiser`, with a helpful message when it is missing."""
     from model import CheckpointError, Denoiser, load_checkpoint
 
     if not Path(path).is_file():
         raise CheckpointError(f"checkpoint not found: {path}; {MISSING_HELP}")
-    return Denoiser(load_checkpoint(path, device))
+    from model.tiling import DEFAULT_TILE
+
+    return Denoiser(load_checkpoint(path, device), tile=tile or DEFAULT_TILE)
 
 
 def _output_paths(inputs: list[str], output: str | None) -> list[Path]:
@@ -36,12 +38,9 @@ def _output_paths(inputs: list[str], output: str | None) -> list[Path]:
 
 
 def run_denoise(args: argparse.Namespace) -> int:
-    import torch
-
     from service.imaging import ImageError, decode_image, encode_image
 
-    denoiser = load_denoiser(args.checkpoint)
-    torch.set_grad_enabled(False)
+    denoiser = load_denoiser(args.checkpoint, tile=args.tile)
     failures = 0
     for source, target in zip(args.inputs, _output_paths(args.inputs, args.output)):
         started = time.perf_counter()
@@ -114,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="auto: the gate picks; fast: slimmest; best: widest (default: auto)")
     denoise.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     denoise.add_argument("--json", action="store_true", help="print one JSON object per image")
+    denoise.add_argument("--tile", type=int, default=512, help="tile core side in pixels (multiple of 8)")
     denoise.set_defaults(handler=run_denoise)
 
     info = commands.add_parser("info", help="print the sub-network table of a checkpoint")

@@ -48,6 +48,7 @@ class SupernetStage:
     val_every: int = 250
     save_every: int = 50
     max_minutes: float = 0.0  # > 0: save and stop after this long, to be continued with --resume
+    stop_at: int = 0  # > 0: save and stop after this step, to be continued with --resume
     seed: int = 0
 
 

@@ -39,7 +39,8 @@ def crop_for_step(schedule: list[list[float]], step: int, total: int) -> tuple[i
     return crop, batch
 
 
-def save_state(path: Path, net, ema, optimizer, step: int, sampler: PatchSampler, generator, elapsed: float) -> None:
+def save_state(path: Path, net, ema, optimizer, step: int, sampler: PatchSampler, generator, width_rng, elapsed: float
+               ) -> None:
     """Everything needed to resume, in safetensors (no pickle): weights, EMA, Adam moments, counters."""
     tensors = {f"net.{k}": v.detach().contiguous() for k, v in net.state_dict().items()}
     tensors |= {f"ema.{k}": v.detach().contiguous() for k, v in ema.state_dict().items()}
@@ -56,6 +57,7 @@ def save_state(path: Path, net, ema, optimizer, step: int, sampler: PatchSampler
         "elapsed_s": elapsed,
         "adam_steps": adam_steps,
         "sampler_rng": sampler.state(),
+        "width_rng": width_rng.getstate(),
         "model": net.config.to_dict(),
     }
     partial = path.with_name(path.name + ".partial")
@@ -63,11 +65,15 @@ def save_state(path: Path, net, ema, optimizer, step: int, sampler: PatchSampler
     partial.replace(path)
 
 
-def load_state(path: Path, net, ema, optimizer, sampler: PatchSampler, generator) -> tuple[int, float]:
+def _rng_state(state: list) -> tuple:
+    return (state[0], tuple(state[1]), state[2])
+
+
+def load_state(path: Path, net, ema, optimizer, sampler: PatchSampler, generator, width_rng) -> tuple[int, float]:
     with safe_open(str(path), framework="pt") as handle:
         meta = json.loads(handle.metadata()["resume"])
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-    if meta["model"] != net.config.to_dict():
+    if SupernetConfig.from_dict(meta["model"]) != net.config:
         raise ValueError(f"{path} was saved for model {meta['model']}, the config asks for {net.config.to_dict()}")
     net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
     ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
@@ -79,8 +85,11 @@ def load_state(path: Path, net, ema, optimizer, sampler: PatchSampler, generator
                 "exp_avg_sq": tensors[f"adam.{index}.exp_avg_sq"],
             }
     generator.set_state(tensors["noise_generator"])
-    state = meta["sampler_rng"]
-    sampler.set_state((state[0], tuple(state[1]), state[2]))
+    sampler.set_state(_rng_state(meta["sampler_rng"]))
+    if "width_rng" in meta:
+        width_rng.setstate(_rng_state(meta["width_rng"]))
+    else:  # states written before the width sampler was saved
+        width_rng.seed(int(meta["step"]))
     return int(meta["step"]), float(meta["elapsed_s"])
 
 
@@ -115,8 +124,7 @@ def train_supernet(config: SupernetStage, resume: bool = False, command: str = "
     if resume:
         if not state_path.is_file():
             raise FileNotFoundError(f"--resume: no {state_path} to resume from")
-        step, elapsed = load_state(state_path, net, ema, optimizer, sampler, generator)
-        width_rng.seed(config.seed + 1 + step)
+        step, elapsed = load_state(state_path, net, ema, optimizer, sampler, generator, width_rng)
     started, session_started = time.time() - elapsed, time.time()
     widest, slimmest = net.widest(), net.slimmest()
     progress = tqdm(total=config.steps, initial=step, desc="supernet", dynamic_ncols=True)
@@ -163,8 +171,9 @@ def train_supernet(config: SupernetStage, resume: bool = False, command: str = "
                 val_psnr_slimmest=psnr_by_sigma(ema, slimmest, val_pairs), seconds=round(elapsed, 1),
             )
         over_time = config.max_minutes > 0 and time.time() - session_started > 60 * config.max_minutes
+        over_time = over_time or step == config.stop_at
         if step % config.save_every == 0 or step == config.steps or over_time:
-            save_state(state_path, net, ema, optimizer, step, sampler, generator, elapsed)
+            save_state(state_path, net, ema, optimizer, step, sampler, generator, width_rng, elapsed)
             export_supernet(out_dir / EXPORT_FILE, ema, {"stage": "supernet", "step": step, "command": command,
                                                          "train_dir": config.data.train_dir, "seconds": elapsed})
         if over_time:

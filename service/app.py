@@ -1,0 +1,258 @@
+"""The HTTP service: ``build_app(settings)`` and ``serve()``.
+
+``POST /denoise`` runs decode -> gate -> queue by width -> batch -> run -> stitch -> encode.
+"""
+
+
+import asyncio
+import json
+import secrets
+import time
+from contextlib import asynccontextmanager
+from enum import Enum
+from typing import Annotated
+
+import torch
+from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from model import CheckpointError, Denoiser, Quality, load_checkpoint
+from service.engine import Engine, QueueFull
+from service.imaging import ImageError, decode_image, encode_image, media_type
+from service.metrics import Metrics
+from service.settings import Settings
+
+IMAGE_ERROR_STATUS = {"empty": 422, "corrupt": 422, "unsupported": 415, "too_large": 413, "bad_output": 422}
+
+
+class OutputFormat(str, Enum):
+    png = "png"
+    jpeg = "jpeg"
+    webp = "webp"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class UploadLimit:
+    """Refuses bodies over ``limit`` bytes on ``POST /denoise``: from Content-Length before reading, and from
+    a running count while the body streams in (for chunked uploads or a lying header)."""
+
+    def __init__(self, app, limit: int, metrics: Metrics) -> None:
+        self.app, self.limit, self.metrics = app, limit, metrics
+
+    async def _refuse(self, send) -> None:
+        self.metrics.rejections.labels("upload_too_large").inc()
+        self.metrics.requests.labels("unknown", "413").inc()
+        body = json.dumps({"detail": f"upload larger than {self.limit} bytes"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/denoise" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send)
+        received, exceeded, responded = 0, False, False
+
+        async def counting_receive():
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    exceeded = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message):
+            nonlocal responded
+            if exceeded:  # whatever the app says about the cut-off body, the answer is 413
+                if not responded:
+                    responded = True
+                    await self._refuse(send)
+                return
+            responded = True
+            await send(message)
+
+        await self.app(scope, counting_receive, guarded_send)
+        if exceeded and not responded:
+            await self._refuse(send)
+
+
+def build_app(settings: Settings | None = None, on_batch=None) -> FastAPI:
+    """The FastAPI app. The model loads in ``lifespan``; routes reach it through ``app.state``."""
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        device = resolve_device(settings.device)
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        checkpoint = await run_in_threadpool(load_checkpoint, settings.checkpoint, device)
+        denoiser = Denoiser(checkpoint, tile=settings.tile)
+        engine = Engine(denoiser, metrics, settings.max_batch_tiles, settings.max_wait_ms, settings.max_queue_tiles,
+                        on_batch=on_batch)
+        if device.type == "cuda":
+            metrics.device_memory.set_function(lambda: torch.cuda.memory_allocated(device))
+        engine.start()
+        app.state.engine = engine
+        app.state.device = device
+        if settings.warmup:
+            await engine.warm_up()
+        app.state.ready = True
+        metrics.ready.set(1)
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            metrics.ready.set(0)
+            await engine.stop()
+
+    app = FastAPI(title="ddsnet", version="0.1.0", lifespan=lifespan,
+                  description="Dynamic slimmable image denoising: a gate picks a sub-network per image.")
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.ready = False
+    app.add_middleware(UploadLimit, limit=settings.max_upload_bytes, metrics=metrics)
+
+    def get_engine(request: Request) -> Engine:
+        engine = getattr(request.app.state, "engine", None)
+        if engine is None or not request.app.state.ready:
+            raise HTTPException(503, "model is not loaded yet", headers={"Retry-After": "1"})
+        return engine
+
+    def check_api_key(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not secrets.compare_digest(supplied.encode(), settings.api_key.encode()):
+            metrics.rejections.labels("unauthorized").inc()
+            raise HTTPException(401, "missing or wrong API key", headers={"WWW-Authenticate": "Bearer"})
+
+    @app.get("/healthz", summary="liveness")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="readiness: the model is loaded and warmed up")
+    async def readyz(request: Request) -> JSONResponse:
+        ready = bool(request.app.state.ready)
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    @app.get("/info", summary="the sub-network table")
+    async def info(engine: Annotated[Engine, Depends(get_engine)], request: Request) -> dict:
+        summary = engine.denoiser.summary()
+        summary["device"] = str(request.app.state.device)
+        summary["batching"] = {"max_batch_tiles": settings.max_batch_tiles, "max_wait_ms": settings.max_wait_ms,
+                               "max_queue_tiles": settings.max_queue_tiles}
+        return summary
+
+    @app.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def fail(status: int, detail: str, quality: str, reason: str, headers: dict | None = None) -> JSONResponse:
+        metrics.rejections.labels(reason).inc()
+        metrics.requests.labels(quality, str(status)).inc()
+        return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+    @app.post(
+        "/denoise",
+        summary="denoise an image",
+        response_class=Response,
+        responses={
+            200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}},
+                  "description": "the denoised image; headers DDSNet-Subnet, DDSNet-GFLOPs, DDSNet-Queue-Ms, "
+                                 "DDSNet-Compute-Ms"},
+            401: {"description": "missing or wrong API key"},
+            413: {"description": "upload or image too large"},
+            415: {"description": "not an image, or an unsupported format"},
+            422: {"description": "empty, truncated or corrupt image; or an output format that cannot carry it"},
+            503: {"description": "queue full or model not ready (see Retry-After)"},
+            504: {"description": "request timed out"},
+        },
+        dependencies=[Depends(check_api_key)],
+    )
+    async def denoise(
+        request: Request,
+        engine: Annotated[Engine, Depends(get_engine)],
+        file: Annotated[UploadFile, File(description="PNG, JPEG, TIFF, WebP or BMP")],
+        quality: Annotated[Quality, Query(description="auto: the gate picks; fast: slimmest; best: widest")] = (
+            Quality.auto
+        ),
+        format: Annotated[OutputFormat, Query(description="output image format")] = OutputFormat.png,
+    ) -> Response:
+        started = time.perf_counter()
+        metrics.in_flight.inc()
+        try:
+            return await _denoise(request, engine, file, quality, format, started)
+        finally:
+            metrics.in_flight.dec()
+
+    async def _denoise(request, engine: Engine, file: UploadFile, quality: Quality, output: OutputFormat,
+                       started: float) -> Response:
+        data = await file.read()
+        try:
+            decoded = await run_in_threadpool(decode_image, data, settings.max_pixels)
+        except ImageError as error:
+            return fail(IMAGE_ERROR_STATUS[error.reason], str(error), quality.value, error.reason)
+        if decoded.alpha is not None and output is OutputFormat.jpeg:
+            return fail(422, "JPEG cannot carry the input's alpha channel; ask for png or webp", quality.value,
+                        "bad_output")
+        if decoded.bits == 16 and output is not OutputFormat.png:
+            return fail(422, "16-bit input keeps 16 bits: ask for png", quality.value, "bad_output")
+        try:
+            job = await engine.submit(decoded.rgb, quality)
+        except QueueFull as error:
+            return fail(503, f"queue full: {error}", quality.value, "queue_full", {"Retry-After": "1"})
+        metrics.selections.labels(quality.value, str(job.subnet)).inc()
+
+        deadline = started + settings.request_timeout_s
+        while not job.future.done():
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                engine.cancel(job, "timeout")
+                return fail(504, f"not done within {settings.request_timeout_s} s", quality.value, "timeout")
+            await asyncio.wait({job.future}, timeout=min(0.05, remaining))
+            if not job.future.done() and await request.is_disconnected():
+                engine.cancel(job, "client_disconnected")
+                metrics.rejections.labels("client_disconnected").inc()
+                metrics.requests.labels(quality.value, "499").inc()
+                return Response(status_code=499)
+        try:
+            result = job.future.result()
+        except Exception as error:  # noqa: BLE001 - a failed batch is this request's 500, not the server's
+            return fail(500, f"inference failed: {error}", quality.value, "inference_error")
+        encoded = await run_in_threadpool(encode_image, result.denoised, decoded, output.value)
+        elapsed = time.perf_counter() - started
+        metrics.request_seconds.labels(str(result.subnet)).observe(elapsed)
+        metrics.requests.labels(quality.value, "200").inc()
+        headers = {
+            "DDSNet-Subnet": str(result.subnet),
+            "DDSNet-GFLOPs": f"{result.flops / 1e9:.4f}",
+            "DDSNet-Queue-Ms": f"{1000 * result.queue_seconds:.1f}",
+            "DDSNet-Compute-Ms": f"{1000 * result.compute_seconds:.1f}",
+            "DDSNet-Quality": quality.value,
+        }
+        return Response(encoded, media_type=media_type(output.value), headers=headers)
+
+    return app
+
+
+def serve(host: str = "127.0.0.1", port: int = 8000, checkpoint: str | None = None) -> int:
+    """Run the service with uvicorn (one process owns the model; see README on scaling)."""
+    import uvicorn
+
+    settings = Settings(**({"checkpoint": checkpoint} if checkpoint else {}))
+    if not __import__("pathlib").Path(settings.checkpoint).is_file():
+        raise CheckpointError(f"checkpoint not found: {settings.checkpoint}")
+    uvicorn.run(build_app(settings), host=host, port=port, log_level="info")
+    return 0

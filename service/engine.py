@@ -1,0 +1,222 @@
+"""The batching engine: tiles queued by sub-network width, batched, and run by one worker per device.
+
+A request's life: the gate picks a sub-network (on the worker), the image is cut into tiles that share
+window shapes with other images, the tiles join the queue of their (width, window shape), the scheduler
+forms single-width batches, the worker runs them, and the request's future resolves once its last tile
+is back. The scheduler serves the queue whose oldest tile has waited longest, so no width starves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from model.inference import Denoiser, Quality
+from model.tiling import TiledImage
+from service.metrics import Metrics
+
+
+class QueueFull(Exception):
+    """The queue cannot take this request's tiles now."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One request in flight."""
+
+    id: int
+    image: TiledImage
+    subnet: int
+    future: asyncio.Future
+    remaining: int
+    enqueued_at: float
+    gate_flops: int = 0
+    flops: int = 0
+    widest_flops: int = 0
+    first_batch_at: float | None = None
+    compute_seconds: float = 0.0
+    cancelled: bool = False
+
+
+@dataclass(eq=False)
+class TileWork:
+    job: Job
+    index: int
+    enqueued_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(frozen=True)
+class EngineResult:
+    denoised: torch.Tensor
+    subnet: int
+    flops: int
+    queue_seconds: float
+    compute_seconds: float
+
+
+class Engine:
+    """Owns the model, the queues and the worker thread.
+
+    Args:
+        denoiser: the loaded model.
+        metrics: where to count.
+        max_batch_tiles, max_wait_ms, max_queue_tiles: batching and back-pressure limits.
+        on_batch: called with ``(subnet, [the job of each tile])`` for every batch run (instrumentation).
+    """
+
+    def __init__(self, denoiser: Denoiser, metrics: Metrics, max_batch_tiles: int = 4, max_wait_ms: float = 5.0,
+                 max_queue_tiles: int = 512, on_batch: Callable[[int, list[Job]], None] | None = None) -> None:
+        self.denoiser = denoiser
+        self.metrics = metrics
+        self.max_batch_tiles = max_batch_tiles
+        self.max_wait = max_wait_ms / 1000
+        self.max_queue_tiles = max_queue_tiles
+        self.on_batch = on_batch
+        self.queues: dict[tuple[int, tuple[int, int]], deque[TileWork]] = {}
+        self.queued_tiles = 0
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddsnet-worker")
+        self._ids = itertools.count()
+        self._wakeup = asyncio.Event()
+        self._scheduler: asyncio.Task | None = None
+        for width in range(len(denoiser.subnets)):
+            metrics.queue_tiles.labels(str(width)).set(0)
+
+    def start(self) -> None:
+        self._scheduler = asyncio.get_running_loop().create_task(self._schedule(), name="ddsnet-scheduler")
+
+    async def stop(self) -> None:
+        if self._scheduler:
+            self._scheduler.cancel()
+            try:
+                await self._scheduler
+            except asyncio.CancelledError:
+                pass
+        self.worker.shutdown(wait=True)
+
+    async def run_on_worker(self, function: Callable, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.worker, function, *args)
+
+    async def warm_up(self) -> None:
+        """One small pass of the gate and of every sub-network, so the first request pays no start-up cost."""
+        sample = torch.rand(1, 3, 64, 64)
+        await self.run_on_worker(self.denoiser.select, sample, Quality.auto)
+        for index in range(len(self.denoiser.subnets)):
+            await self.run_on_worker(self.denoiser.run_windows, sample, index)
+
+    async def submit(self, noisy: torch.Tensor, quality: Quality) -> Job:
+        """Select a sub-network and queue the image's tiles; await ``job.future`` for the result.
+
+        Raises:
+            QueueFull: the tiles would overflow ``max_queue_tiles``.
+        """
+        image = self.denoiser.split(noisy)
+        if self.queued_tiles + len(image.tiles) > self.max_queue_tiles:
+            raise QueueFull(f"{self.queued_tiles} tiles queued; this image needs {len(image.tiles)} more")
+        subnet, gate_macs = await self.run_on_worker(self.denoiser.select, noisy, quality)
+        if self.queued_tiles + len(image.tiles) > self.max_queue_tiles:
+            raise QueueFull(f"{self.queued_tiles} tiles queued; this image needs {len(image.tiles)} more")
+        now = time.perf_counter()
+        job = Job(next(self._ids), image, subnet, asyncio.get_running_loop().create_future(), len(image.tiles), now,
+                  gate_flops=2 * gate_macs)
+        for index, tile in enumerate(image.tiles):
+            self.queues.setdefault((subnet, tile.shape), deque()).append(TileWork(job, index, now))
+        self._count_queued(subnet, len(image.tiles))
+        self._wakeup.set()
+        return job
+
+    def cancel(self, job: Job, reason: str) -> None:
+        """Drop the job's queued tiles; tiles already in a running batch finish and are discarded."""
+        if job.cancelled or job.future.done():
+            return
+        job.cancelled = True
+        dropped = 0
+        for key, queue in self.queues.items():
+            kept = deque(work for work in queue if work.job is not job)
+            dropped += len(queue) - len(kept)
+            self.queues[key] = kept
+        self._count_queued(job.subnet, -dropped)
+        if dropped:
+            self.metrics.dropped_tiles.labels(reason).inc(dropped)
+        job.future.cancel()
+
+    def _count_queued(self, subnet: int, delta: int) -> None:
+        self.queued_tiles += delta
+        self.metrics.queue_tiles.labels(str(subnet)).inc(delta)
+
+    def _oldest_queue(self) -> tuple[int, tuple[int, int]] | None:
+        waiting = [(queue[0].enqueued_at, key) for key, queue in self.queues.items() if queue]
+        return min(waiting)[1] if waiting else None
+
+    async def _schedule(self) -> None:
+        while True:
+            key = self._oldest_queue()
+            if key is None:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            queue = self.queues[key]
+            deadline = queue[0].enqueued_at + self.max_wait
+            if len(queue) < self.max_batch_tiles and time.perf_counter() < deadline:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), deadline - time.perf_counter())
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            batch = [queue.popleft() for _ in range(min(self.max_batch_tiles, len(queue)))]
+            self._count_queued(key[0], -len(batch))
+            await self._run_batch(key[0], batch)
+
+    async def _run_batch(self, subnet: int, batch: list[TileWork]) -> None:
+        width = str(subnet)
+        started = time.perf_counter()
+        for work in batch:
+            self.metrics.queue_wait_seconds.labels(width).observe(started - work.enqueued_at)
+            if work.job.first_batch_at is None:
+                work.job.first_batch_at = started
+        windows = torch.cat([work.job.image.window(work.index) for work in batch])
+        if self.on_batch:
+            self.on_batch(subnet, [work.job for work in batch])
+        try:
+            outputs = await self.run_on_worker(self._compute, windows, subnet)
+        except Exception as error:  # a failed batch fails its requests, never the scheduler
+            for work in batch:
+                if not work.job.future.done():
+                    work.job.future.set_exception(error)
+            return
+        elapsed = time.perf_counter() - started
+        self.metrics.inference_seconds.labels(width).observe(elapsed)
+        self.metrics.batch_tiles.labels(width).observe(len(batch))
+        height, window_width = windows.shape[-2:]
+        macs = self.denoiser.window_macs(subnet, height, window_width)
+        widest_macs = self.denoiser.window_macs(self.denoiser.best_index, height, window_width)
+        for position, work in enumerate(batch):
+            job = work.job
+            if job.future.done():
+                continue
+            job.image.put(work.index, outputs[position : position + 1])
+            job.flops += 2 * macs
+            job.widest_flops += 2 * widest_macs
+            job.compute_seconds += elapsed / len(batch)
+            job.remaining -= 1
+            if job.remaining == 0:
+                self._finish(job)
+
+    def _compute(self, windows: torch.Tensor, subnet: int) -> torch.Tensor:
+        return self.denoiser.run_windows(windows, subnet).cpu()
+
+    def _finish(self, job: Job) -> None:
+        width = str(job.subnet)
+        flops = job.flops + job.gate_flops
+        self.metrics.flops.labels(width).inc(flops)
+        self.metrics.flops_widest.inc(job.widest_flops)
+        self.metrics.pixels.inc(job.image.height * job.image.width)
+        queue_seconds = (job.first_batch_at or job.enqueued_at) - job.enqueued_at
+        job.future.set_result(EngineResult(job.image.result(), job.subnet, flops, queue_seconds, job.compute_seconds))

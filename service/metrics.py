@@ -1,0 +1,45 @@
+"""Prometheus metrics. Base units, ``_total`` counters, histograms. ``width`` is the sub-network index.
+
+Every app gets its own registry, so several apps (tests, or one per device) never share counters.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+# The *_created series double every counter's cardinality and no dashboard needs them.
+disable_created_metrics()
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("ddsnet_requests", "Requests answered, by quality and HTTP status.",
+                                ["quality", "status"], registry=r)
+        self.request_seconds = Histogram("ddsnet_request_duration_seconds",
+                                         "Time from upload received to response, by sub-network.", ["width"],
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait_seconds = Histogram("ddsnet_queue_wait_seconds", "Time a tile waited in its queue.",
+                                            ["width"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inference_seconds = Histogram("ddsnet_inference_seconds", "Compute time of one batch.", ["width"],
+                                           buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_tiles = Histogram("ddsnet_batch_tiles", "Tiles per batch.", ["width"], buckets=BATCH_BUCKETS,
+                                     registry=r)
+        self.selections = Counter("ddsnet_subnet_selections", "Sub-network chosen per request.",
+                                  ["quality", "width"], registry=r)
+        self.flops = Counter("ddsnet_flops", "FLOPs executed (network and gate).", ["width"], registry=r)
+        self.flops_widest = Counter("ddsnet_flops_widest_equivalent",
+                                    "FLOPs the widest sub-network would have spent on the same work.", registry=r)
+        self.queue_tiles = Gauge("ddsnet_queue_tiles", "Tiles waiting, by sub-network.", ["width"], registry=r)
+        self.pixels = Counter("ddsnet_pixels", "Image pixels denoised.", registry=r)
+        self.in_flight = Gauge("ddsnet_requests_in_flight", "Requests being handled.", registry=r)
+        self.rejections = Counter("ddsnet_rejections", "Requests refused, by reason.", ["reason"], registry=r)
+        self.dropped_tiles = Counter("ddsnet_dropped_tiles", "Queued tiles dropped before running, by reason.",
+                                     ["reason"], registry=r)
+        self.ready = Gauge("ddsnet_ready", "1 once the model is loaded and warmed up.", registry=r)
+        self.device_memory = Gauge("ddsnet_device_memory_bytes", "Memory allocated on the GPU by the model.",
+                                   registry=r)

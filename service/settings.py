@@ -1,0 +1,23 @@
+"""Service settings, read from the environment (prefix ``DDSNET_``), e.g. ``DDSNET_MAX_BATCH_TILES=8``."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DDSNET_", extra="ignore")
+
+    checkpoint: str = "checkpoints/ddsnet-color.safetensors"
+    device: str = Field("auto", description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
+    tile: int = Field(512, description="core side of a tile, pixels (a multiple of 8)")
+    max_batch_tiles: int = Field(4, ge=1, description="most tiles in one batch (1 turns batching off)")
+    max_wait_ms: float = Field(5.0, ge=0, description="longest a batch waits to fill up")
+    max_queue_tiles: int = Field(512, ge=1, description="queued tiles over all widths before 503")
+    max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1)
+    max_pixels: int = Field(40_000_000, ge=1)
+    request_timeout_s: float = Field(300.0, gt=0)
+    api_key: str | None = Field(None, description="when set, requests need 'Authorization: Bearer <key>'")
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads for the inference worker")
+    warmup: bool = True

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from skimage import data
+
+from service.app import build_app
+from service.settings import Settings
+
+
+def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def photo() -> np.ndarray:
+    return data.astronaut()[60:200, 100:270]
+
+
+@pytest.fixture
+def make_client(tiny_checkpoint):
+    """``make_client(**settings)`` -> a started TestClient and the list of batches the engine ran."""
+    opened = []
+
+    def make(**overrides):
+        batches: list[tuple[int, list]] = []
+        settings = Settings(**{"checkpoint": tiny_checkpoint, "tile": 64, "warmup": True, **overrides})
+        client = TestClient(build_app(settings, on_batch=lambda subnet, jobs: batches.append((subnet, jobs))))
+        client.__enter__()
+        opened.append(client)
+        return client, batches
+
+    yield make
+    for client in opened:
+        client.__exit__(None, None, None)
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        series, _, value = line.rpartition(" ")
+        metric, _, label_text = series.partition("{")
+        if metric != name:
+            continue
+        found = dict(part.split("=", 1) for part in label_text.rstrip("}").split(",") if part)
+        if all(found.get(k, "").strip('"') == v for k, v in labels.items()):
+            return float(value)
+    return 0.0

@@ -1,0 +1,163 @@
+"""Training stages on tiny configs: end to end, tailoring choice, label rule, resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from model import load_checkpoint
+from model.supernet import WidthGroup
+from service.cli import main
+from training.config import GateStage, SupernetStage, TailorStage, apply_overrides, load_config
+from training.gate import smallest_within, train_gate
+from training.supernet import train_supernet
+from training.tailor import greedy_tailor, tailor
+
+TINY_MODEL = {"channels": [8, 16, 32], "enc_blocks": [1, 1], "body_blocks": 1, "dec_blocks": [1, 1],
+              "steps_per_width": 4, "min_steps": 1}
+
+
+@pytest.fixture(scope="module")
+def photo_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("photos")
+    (root / "train").mkdir()
+    (root / "val").mkdir()
+    Image.fromarray(data.astronaut()[::4, ::4]).save(root / "train" / "astronaut.png")
+    Image.fromarray(data.coffee()[::4, ::4]).save(root / "train" / "coffee.png")
+    Image.fromarray(data.chelsea()[::4, ::4]).save(root / "val" / "chelsea.png")
+    return root
+
+
+def tiny_data(photo_dirs) -> dict:
+    return {"train_dir": str(photo_dirs / "train"), "val_dir": str(photo_dirs / "val"), "val_crop": 32}
+
+
+def supernet_config(photo_dirs, out_dir, **extra) -> SupernetStage:
+    raw = {"out_dir": str(out_dir), "model": TINY_MODEL, "data": tiny_data(photo_dirs), "steps": 4,
+           "crop_schedule": [[0, 16, 2], [0.5, 24, 2]], "warmup_steps": 1, "log_every": 1, "val_every": 2,
+           "save_every": 100, **extra}
+    return load_config(SupernetStage, None, [f"{k}={json.dumps(v)}" for k, v in raw.items()])
+
+
+def test_three_stages_end_to_end_give_a_checkpoint_the_cli_serves(photo_dirs, tmp_path, capsys):
+    supernet = train_supernet(supernet_config(photo_dirs, tmp_path / "s1"))
+    assert (tmp_path / "s1" / "config.yaml").is_file()
+    records = [json.loads(line) for line in (tmp_path / "s1" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss_widest" in r] == [1, 2, 3, 4]
+    assert any("val_psnr_widest" in r for r in records)
+
+    tailor_config = TailorStage(supernet=str(supernet), out_dir=str(tmp_path / "s2"), search_crop=32,
+                                targets=[0.7, 0.45, 0.25])
+    tailor_config.data.val_dir = str(photo_dirs / "val")
+    tailored = tailor(tailor_config)
+    table = json.loads((tmp_path / "s2" / "table.json").read_text())
+    assert len(table) == 4
+    flops = [row["mflops_per_pixel"] for row in table]
+    assert flops == sorted(flops, reverse=True)
+    assert flops[1] <= 0.7 * flops[0] and flops[3] <= 0.25 * flops[0]
+    assert set(table[0]["val_psnr"]) == {"15", "25", "50"}
+
+    gate_config = load_config(GateStage, None, [f"tailored={tailored}", f"out={tmp_path / 'final.safetensors'}",
+                                                "steps=2", "batch_size=2", "crop=16", "log_every=1"])
+    gate_config.data = load_config(SupernetStage, None, [f"data={json.dumps(tiny_data(photo_dirs))}"]).data
+    final = train_gate(gate_config)
+    checkpoint = load_checkpoint(final)
+    assert checkpoint.gate_trained and len(checkpoint.subnets) == 4
+    assert {"supernet", "tailor", "gate"} <= {checkpoint.provenance.get("stage"), *checkpoint.provenance}
+    report = json.loads((tmp_path / "gate_report.json").read_text())
+    assert {"accuracy", "confusion_matrix_label_by_pick", "auto_psnr", "best_psnr"} <= set(report["shipped"])
+    assert len(report["delta_sweep"]) >= 2
+
+    assert main(["info", "--checkpoint", str(final), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["subnets"]) == 4
+    source = photo_dirs / "val" / "chelsea.png"
+    assert main(["denoise", str(source), "-o", str(tmp_path / "out.png"), "--checkpoint", str(final)]) == 0
+    with Image.open(tmp_path / "out.png") as result, Image.open(source) as original:
+        assert result.size == original.size
+
+
+def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(photo_dirs, tmp_path):
+    straight = tmp_path / "straight"
+    train_supernet(supernet_config(photo_dirs, straight))
+    split = tmp_path / "split"
+    train_supernet(supernet_config(photo_dirs, split, stop_at=2))
+    first = [json.loads(x)["step"] for x in (split / "log.jsonl").read_text().splitlines() if "loss_widest" in x]
+    assert first == [1, 2]
+    train_supernet(supernet_config(photo_dirs, split), resume=True)
+    steps = [json.loads(x)["step"] for x in (split / "log.jsonl").read_text().splitlines() if "loss_widest" in x]
+    assert steps == [1, 2, 3, 4]
+    a, b = load_checkpoint(straight / "supernet.safetensors"), load_checkpoint(split / "supernet.safetensors")
+    for name, tensor in a.net.state_dict().items():
+        assert torch.allclose(tensor, b.net.state_dict()[name], atol=1e-6), name
+
+
+def test_resume_without_a_state_is_a_clear_error(photo_dirs, tmp_path):
+    with pytest.raises(FileNotFoundError, match="resume"):
+        train_supernet(supernet_config(photo_dirs, tmp_path / "fresh"), resume=True)
+
+
+def test_tailoring_cuts_the_group_whose_cut_costs_least():
+    groups = tuple(WidthGroup(name, 8, 2, 2) for name in ("a", "b", "c"))
+    # Cutting "b" costs 0.01 dB per step, "a" 0.5 dB and "c" 1 dB; every step of any group is equal in FLOPs.
+    penalty = {0: 0.5, 1: 0.01, 2: 1.0}
+
+    def score(widths):
+        return 40.0 - sum(penalty[i] * (8 - w) / 2 for i, w in enumerate(widths))
+
+    cuts = []
+    configs = greedy_tailor(groups, (8, 8, 8), score, lambda w: float(sum(w)), [0.95],
+                            on_cut=lambda record: cuts.append(record))
+    assert cuts[0]["widths"] == [8, 6, 8]
+    assert configs == [(8, 8, 8), (8, 6, 8)]
+    configs = greedy_tailor(groups, (8, 8, 8), score, lambda w: float(sum(w)), [0.75, 0.5])
+    # "b" goes to its minimum (2) first, then "a" (the next cheapest); "c" is never cut
+    assert configs == [(8, 8, 8), (8, 2, 8), (2, 2, 8)]
+
+
+def test_tailoring_per_flop_criterion_prefers_the_cut_that_saves_more():
+    groups = (WidthGroup("big", 8, 2, 2), WidthGroup("small", 8, 2, 2))
+    # Cutting "big" saves 10x the FLOPs for 2x the PSNR loss.
+    def cost(widths):
+        return 10.0 * widths[0] + widths[1]
+
+    def score(widths):
+        return 40.0 - 0.2 * (8 - widths[0]) - 0.1 * (8 - widths[1])
+
+    assert greedy_tailor(groups, (8, 8), score, cost, [0.99])[1] == (8, 6)
+    assert greedy_tailor(groups, (8, 8), score, cost, [0.99], criterion="psnr_per_flop")[1] == (6, 8)
+
+
+def test_label_rule_on_hand_made_psnrs():
+    mflops = torch.tensor([0.4, 0.28, 0.18, 0.1])  # widest first
+    psnrs = torch.tensor([
+        [30.00, 29.99, 29.95, 29.00],  # delta 0.1: index 2 (29.95 >= 29.9)
+        [30.00, 29.50, 29.40, 29.95],  # the slimmest is within delta: 3
+        [30.00, 29.80, 29.70, 29.00],  # nothing but the widest: 0
+        [30.00, 30.20, 29.00, 28.00],  # a slimmer one beats the widest: 1
+    ])
+    assert smallest_within(psnrs, mflops, 0.1).tolist() == [2, 3, 0, 1]
+    assert smallest_within(psnrs, mflops, 0.0).tolist() == [0, 0, 0, 1]
+    assert smallest_within(psnrs, mflops, 5.0).tolist() == [3, 3, 3, 3]
+
+
+def test_overrides_walk_dicts_and_parse_values():
+    raw = apply_overrides({"data": {"sigma_max": 55}}, ["data.sigma_max=30", "steps=7", "model.channels=[8, 16]"])
+    assert raw == {"data": {"sigma_max": 30}, "steps": 7, "model": {"channels": [8, 16]}}
+    with pytest.raises(ValueError, match="key=value"):
+        apply_overrides({}, ["nonsense"])
+    with pytest.raises(ValueError, match="unknown config key"):
+        load_config(SupernetStage, None, ["stepz=3"])
+
+
+def test_shipped_configs_load():
+    from training.cli import CONFIG_DIR
+
+    assert load_config(SupernetStage, CONFIG_DIR / "supernet.yaml").steps > 0
+    assert load_config(TailorStage, CONFIG_DIR / "tailor.yaml").targets == [0.7, 0.45, 0.25]
+    assert 0 < load_config(GateStage, CONFIG_DIR / "gate.yaml").delta_db <= 0.2
+    assert np.isfinite(load_config(GateStage, CONFIG_DIR / "gate.yaml").lr)
