@@ -5,7 +5,15 @@ Every app gets its own registry, so several apps (tests, or one per device) neve
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 
 # The *_created series double every counter's cardinality and no dashboard needs them.
 disable_created_metrics()
@@ -18,6 +26,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # process_cpu_seconds_total, process_resident_memory_bytes, ... for the dashboard's process panels
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.requests = Counter("ddsnet_requests", "Requests answered, by quality and HTTP status.",
                                 ["quality", "status"], registry=r)
         self.request_seconds = Histogram("ddsnet_request_duration_seconds",
