@@ -31,7 +31,6 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check model training service tests benchmarks
-	$(VENV)/bin/ruff format --check model training service tests benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

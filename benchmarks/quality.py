@@ -88,7 +88,8 @@ def targets(results: dict, peers: dict) -> dict:
     if not ours or "FFDNet" not in peer:
         return {}
     checks = {
-        "best >= FFDNet": (ours["best"]["psnr"], peer["FFDNet"]["psnr"], ours["best"]["psnr"] >= peer["FFDNet"]["psnr"]),
+        "best >= FFDNet": (ours["best"]["psnr"], peer["FFDNet"]["psnr"],
+                           ours["best"]["psnr"] >= peer["FFDNet"]["psnr"]),
         "auto within 0.05 dB of best": (ours["auto"]["psnr"], ours["best"]["psnr"] - 0.05,
                                         ours["auto"]["psnr"] >= ours["best"]["psnr"] - 0.05),
         "auto FLOPs <= 60% of best": (ours["auto"]["mflops_per_pixel"], 0.6 * ours["best"]["mflops_per_pixel"],

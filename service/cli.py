@@ -71,7 +71,8 @@ def run_denoise(args: argparse.Namespace) -> int:
             }
             print(json.dumps(record), flush=True)
         else:
-            print(f"{source} -> {target} (sub-network {result.subnet}, {result.flops / 1e9:.1f} GFLOPs, {seconds:.2f} s)")
+            cost = f"sub-network {result.subnet}, {result.flops / 1e9:.1f} GFLOPs, {seconds:.2f} s"
+            print(f"{source} -> {target} ({cost})")
     return 1 if failures else 0
 
 

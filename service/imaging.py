@@ -71,7 +71,9 @@ def probe(data: bytes, max_pixels: int | None = None) -> Image.Image:
         raise ImageError("too_large", f"image is {width}x{height} = {width * height} pixels, the limit is {max_pixels}")
     png = _png_bit_depth(data)
     if png and png[0] == 16 and png[1] in (2, 4, 6):
-        raise ImageError("unsupported", "16-bit colour or grey+alpha PNGs are not supported (they would lose bits); 16-bit grey is")
+        raise ImageError(
+            "unsupported", "16-bit colour or grey+alpha PNGs are not supported (they would lose bits); 16-bit grey is"
+        )
     if image.format == "TIFF" and image.mode.startswith(("RGB", "CMYK")):
         bits = image.tag_v2.get(258, (8,))
         if max(bits if isinstance(bits, tuple) else (bits,)) > 8:

@@ -59,7 +59,7 @@ def measure_denoiser(denoiser: Denoiser, pairs: list) -> dict[str, dict[str, dic
     gate's time plus that run's, and its FLOPs the gate's plus that run's.
     """
     rows: dict[str, dict[str, list]] = {}
-    for name, sigma, clean, noisy in pairs:
+    for _, sigma, clean, noisy in pairs:
         pixels = clean.shape[-1] * clean.shape[-2]
         runs = []
         for index in range(len(denoiser.subnets)):

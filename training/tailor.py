@@ -75,13 +75,12 @@ def greedy_tailor(
         if not candidates:
             raise ValueError(f"cannot reach FLOPs target {pending[0]}: every group is at its minimum")
 
-        def rank(item: tuple[WidthConfig, int, float]) -> float:
-            cut, _, cut_score = item
-            if criterion == "psnr":
-                return cut_score
-            return -(current_score - cut_score) / max(cost(current) - cost(cut), 1e-9)
-
-        current, index, current_score = max(candidates, key=rank)
+        if criterion == "psnr":
+            ranks = [cut_score for _, _, cut_score in candidates]
+        else:
+            current_cost = cost(current)
+            ranks = [-(current_score - s) / max(current_cost - cost(cut), 1e-9) for cut, _, s in candidates]
+        current, index, current_score = candidates[max(range(len(candidates)), key=ranks.__getitem__)]
         fraction = cost(current) / full_cost
         if on_cut:
             on_cut({"group": groups[index].name, "widths": list(current), "score": current_score, "fraction": fraction})
@@ -122,7 +121,8 @@ def tailor(config: TailorStage, command: str = "") -> Path:
     val_pairs = fixed_noisy_set(config.data.val_dir, config.data.val_sigmas, config.data.val_seed)
     subnets = []
     for widths in tqdm(configs, desc="tailor (validation)"):
-        subnets.append(Subnet(widths, round(supernet_mflops_per_pixel(net, widths), 6), psnr_by_sigma(net, widths, val_pairs)))
+        mflops = round(supernet_mflops_per_pixel(net, widths), 6)
+        subnets.append(Subnet(widths, mflops, psnr_by_sigma(net, widths, val_pairs)))
     table = [s.to_dict() for s in subnets]
     (out_dir / "table.json").write_text(json.dumps(table, indent=2))
     log.write(table=table, seconds=round(time.time() - started, 1))

@@ -129,7 +129,7 @@ def test_dashboard_names_only_metrics_the_app_exports(tiny_checkpoint):
         exported = client.get("/metrics").text
     names = set(re.findall(r"^# TYPE (\S+) (\S+)", exported, re.MULTILINE))
     known = set()
-    for name, kind in names:
+    for name, _ in names:
         known |= {name, f"{name}_total", f"{name}_bucket", f"{name}_sum", f"{name}_count"}
     for title, expr in dashboard_expressions():
         for metric in re.findall(r"\b((?:ddsnet|process)_[a-z_]+)", expr):
