@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 WORK=${WORK:-/tmp/ddsnet-smoke}
 PORT=${PORT:-18000}
 TORCH_WHEEL_DIR=${TORCH_WHEEL_DIR:-/opt/wheels}
-MIRROR=${MIRROR:-$(grep -rhoE 'https?://[^ ]+debian/?' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null | head -n 1)}
+MIRROR=${MIRROR:-$( (grep -rhoE 'https?://[^ ]+/debian/?( |$)' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null || true) | head -n 1 | tr -d ' ')}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 PODMAN=(podman --runtime /usr/sbin/runc)
 step() { printf '\n== %s\n' "$*"; }
@@ -20,8 +20,6 @@ step() { printf '\n== %s\n' "$*"; }
 for tool in podman debootstrap; do
   command -v "$tool" >/dev/null || { echo "error: $tool is not installed" >&2; exit 2; }
 done
-[ -f checkpoints/ddsnet-color.safetensors ] || { echo "error: checkpoints/ddsnet-color.safetensors missing" >&2; exit 2; }
-
 step "1/5 debootstrap a Debian bookworm base ($MIRROR)"
 mkdir -p "$WORK"
 if [ ! -x "$WORK/rootfs/usr/bin/python3" ]; then
@@ -39,6 +37,7 @@ step "2/5 podman import"
 tar -C "$WORK/rootfs" -c . | "${PODMAN[@]}" import - localhost/ddsnet-base:bookworm
 
 step "3/5 podman build"
+[ -f checkpoints/ddsnet-color.safetensors ] || { echo "error: checkpoints/ddsnet-color.safetensors missing" >&2; exit 2; }
 "${PODMAN[@]}" build --network host -f docker/Dockerfile \
   --build-arg BASE_IMAGE=localhost/ddsnet-base:bookworm \
   --build-arg TORCH_INDEX_URL=https://pypi.org/simple \

@@ -96,6 +96,7 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     save_file(tensors, str(partial), metadata={METADATA_KEY: json.dumps(document)})
+    partial.chmod(0o644)  # safetensors writes 0600; a checkpoint is meant to be shared (e.g. into a container)
     partial.replace(path)
 
 

@@ -1,0 +1,73 @@
+"""Print the README's result tables (markdown) from the benchmark JSONs.
+
+    .venv/bin/python benchmarks/tables.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def quality_table(report: dict) -> str:
+    sigmas = list(report["results"])
+    methods = ["auto", "fast", "best"] + sorted(m for m in report["results"][sigmas[0]] if m.startswith("subnet_"))
+    lines = ["| method | MFLOPs/px | " + " | ".join(f"PSNR σ={s}" for s in sigmas) + " | images/s (σ=25) |",
+             "|---|---|" + "---|" * len(sigmas) + "---|"]
+    for method in methods:
+        rows = [report["results"][s][method] for s in sigmas]
+        mflops = sum(r["mflops_per_pixel"] for r in rows) / len(rows)
+        speed = report["results"].get("25", report["results"][sigmas[0]])[method]["images_per_second"]
+        lines.append(f"| ddsnet {method} | {mflops:.3f} | " + " | ".join(f"{r['psnr']:.2f}" for r in rows)
+                     + f" | {speed:.2f} |")
+    peers = sorted({p for s in sigmas for p in report.get("peers", {}).get(s, {})})
+    for peer in peers:
+        cells, mflops, speed = [], "n/a", "n/a"
+        for s in sigmas:
+            row = report["peers"].get(s, {}).get(peer)
+            cells.append(f"{row['psnr']:.2f}" if row else "not run")
+            if row and row.get("mflops_per_pixel"):
+                mflops = f"{row['mflops_per_pixel']:.3f}"
+            if row and s == "25":
+                speed = f"{row['images_per_second']:.2f}"
+        lines.append(f"| {peer} | {mflops} | " + " | ".join(cells) + f" | {speed} |")
+    histogram = {s: report["results"][s]["auto"].get("width_histogram") for s in sigmas}
+    lines.append("")
+    lines.append("`auto` picked sub-networks (count per index, widest first): "
+                 + "; ".join(f"σ={s}: {h}" for s, h in histogram.items()))
+    if report.get("targets_sigma_25"):
+        lines.append("")
+        lines.append("| target at σ=25 | value | bar | met |")
+        lines.append("|---|---|---|---|")
+        for name, check in report["targets_sigma_25"].items():
+            lines.append(f"| {name} | {check['value']} | {check['bar']} | {'yes' if check['met'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def serve_table(report: dict) -> str:
+    raw = report["raw_loop"]
+    lines = ["| run | concurrency | MPix/s | vs raw | p50 s | p95 s | p99 s |", "|---|---|---|---|---|---|---|",
+             f"| raw model loop (no HTTP) | 1 | {raw['mpix_per_s']:.3f} | 1.00 | {raw['p50']} | {raw['p95']} | "
+             f"{raw['p99']} |"]
+    for row in report["http"]:
+        name = f"HTTP, batching {'on (4 tiles)' if row['batching'] else 'off'}"
+        lines.append(f"| {name} | {row['concurrency']} | {row['mpix_per_s']:.3f} | {row['vs_raw']:.2f} | "
+                     f"{row['p50']} | {row['p95']} | {row['p99']} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    for name, render in (("quality.json", quality_table), ("serve.json", serve_table)):
+        path = RESULTS / name
+        if path.is_file():
+            report = json.loads(path.read_text())
+            print(f"### {name} (`{report['command']}`)\n")
+            print(render(report))
+            print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,45 @@
+"""Plot stage 1's validation PSNR against training step from its JSON-lines log.
+
+    .venv/bin/python benchmarks/training_curve.py [--log checkpoints/logs/supernet.jsonl] [--out PNG]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log", default="checkpoints/logs/supernet.jsonl")
+    parser.add_argument("--out", default="benchmarks/results/supernet_curve.png")
+    args = parser.parse_args()
+    records = [json.loads(line) for line in Path(args.log).read_text().splitlines() if "val_psnr_widest" in line]
+    if not records:
+        raise SystemExit(f"error: no validation records in {args.log}")
+    steps = [r["step"] for r in records]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for sigma in records[0]["val_psnr_widest"]:
+        axis.plot(steps, [r["val_psnr_widest"][sigma] for r in records], "o-", label=f"widest, sigma {sigma}")
+        axis.plot(steps, [r["val_psnr_slimmest"][sigma] for r in records], "x--", label=f"slimmest, sigma {sigma}")
+    axis.set_xlabel("step")
+    axis.set_ylabel("validation PSNR (dB, 256x256 centre crops)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(args.out, dpi=110)
+    for record in records:
+        print(record["step"], record["val_psnr_widest"], record["val_psnr_slimmest"])
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
