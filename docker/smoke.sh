@@ -31,21 +31,25 @@ fi
 ln -sf /usr/bin/python3 "$WORK/rootfs/usr/local/bin/python"
 mkdir -p "$WORK/rootfs/wheels"
 cp "$TORCH_WHEEL_DIR"/torch-*.whl "$WORK/rootfs/wheels/" 2>/dev/null || echo "(no local torch wheel; pip will download one)"
-printf '[global]\nbreak-system-packages = true\nfind-links = /wheels\n' > "$WORK/rootfs/etc/pip.conf"
+# Trust what this host trusts (a TLS-intercepting proxy's CA, where there is one).
+cp /etc/ssl/certs/ca-certificates.crt "$WORK/rootfs/etc/ssl/certs/ca-certificates.crt"
+printf '[global]\nbreak-system-packages = true\nfind-links = /wheels\ncert = /etc/ssl/certs/ca-certificates.crt\n' \
+  > "$WORK/rootfs/etc/pip.conf"
 
 step "2/5 podman import"
 tar -C "$WORK/rootfs" -c . | "${PODMAN[@]}" import - localhost/ddsnet-base:bookworm
 
 step "3/5 podman build"
 [ -f checkpoints/ddsnet-color.safetensors ] || { echo "error: checkpoints/ddsnet-color.safetensors missing" >&2; exit 2; }
-"${PODMAN[@]}" build --network host -f docker/Dockerfile \
+"${PODMAN[@]}" build --format docker --network host -f docker/Dockerfile \
   --build-arg BASE_IMAGE=localhost/ddsnet-base:bookworm \
   --build-arg TORCH_INDEX_URL=https://pypi.org/simple \
   -t localhost/ddsnet:smoke .
 
 step "4/5 run"
 "${PODMAN[@]}" rm -f ddsnet-smoke >/dev/null 2>&1 || true
-"${PODMAN[@]}" run -d --name ddsnet-smoke --network host \
+"${PODMAN[@]}" run -d --name ddsnet-smoke --network host --no-healthcheck \
+  --ulimit "nofile=$(ulimit -Sn):$(ulimit -Hn)" --ulimit "nproc=$(ulimit -Su):$(ulimit -Hu)" \
   localhost/ddsnet:smoke ddsnet serve --host 127.0.0.1 --port "$PORT"
 trap '"${PODMAN[@]}" logs ddsnet-smoke | tail -n 20; "${PODMAN[@]}" rm -f ddsnet-smoke >/dev/null' EXIT
 for _ in $(seq 1 120); do
