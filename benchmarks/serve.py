@@ -77,6 +77,19 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def wait_ready(base: str, seconds: float = 120) -> None:
+    """Poll ``base``/readyz until it answers 200, or raise ``TimeoutError``."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{base} did not become ready in {seconds} s")
+
+
 def http_run(checkpoint: str, items, quality: str, concurrency: int, batch_tiles: int) -> dict:
     port = free_port()
     env = {**os.environ, "DDSNET_MAX_BATCH_TILES": str(batch_tiles), "DDSNET_MAX_WAIT_MS": "5",
@@ -85,14 +98,7 @@ def http_run(checkpoint: str, items, quality: str, concurrency: int, batch_tiles
                                checkpoint], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{base}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_ready(base)
         with httpx.Client(timeout=1200) as client:
 
             def send(item) -> tuple[float, int]:

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from serve import free_port, raw_loop, workload  # noqa: E402
+from serve import free_port, raw_loop, wait_ready, workload  # noqa: E402
 
 from service.imaging import decode_image, encode_image  # noqa: E402
 
@@ -38,13 +38,7 @@ def main() -> int:
     server = subprocess.Popen([str(ROOT / ".venv/bin/ddsnet"), "serve", "--port", str(port), "--checkpoint",
                                checkpoint], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(240):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        wait_ready(f"http://127.0.0.1:{port}")
         started = time.perf_counter()
         response = httpx.post(f"http://127.0.0.1:{port}/denoise", params={"quality": "auto"},
                               files={"file": ("x.png", payload)}, timeout=600)
