@@ -49,6 +49,7 @@ class SupernetStage:
     save_every: int = 50
     max_minutes: float = 0.0  # > 0: save and stop after this long, to be continued with --resume
     stop_at: int = 0  # > 0: save and stop after this step, to be continued with --resume
+    init_from: str = ""  # a ddsnet checkpoint whose supernet weights start a fresh (non --resume) run
     seed: int = 0
 
 

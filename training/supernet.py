@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from model.checkpoint import Subnet, save_checkpoint
+from model.checkpoint import Subnet, load_checkpoint, save_checkpoint
 from model.flops import supernet_mflops_per_pixel
 from model.gate import Gate, GateConfig
 from model.supernet import SlimUNet, SupernetConfig
@@ -119,6 +119,12 @@ def train_supernet(config: SupernetStage, resume: bool = False, command: str = "
     val_pairs = fixed_noisy_set(config.data.val_dir, config.data.val_sigmas, config.data.val_seed, config.data.val_crop)
     log = JsonLog(out_dir / "log.jsonl")
 
+    if config.init_from and not resume:
+        source = load_checkpoint(config.init_from)
+        if source.net.config != net.config:
+            raise ValueError(f"init_from {config.init_from}: its model {source.net.config} is not {net.config}")
+        net.load_state_dict(source.net.state_dict())
+        ema.load_state_dict(source.net.state_dict())
     step, elapsed = 0, 0.0
     state_path = out_dir / STATE_FILE
     if resume:

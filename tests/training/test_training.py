@@ -96,6 +96,19 @@ def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(p
         assert torch.allclose(tensor, b.net.state_dict()[name], atol=1e-6), name
 
 
+def test_init_from_a_checkpoint_starts_from_its_weights(photo_dirs, tmp_path):
+    source = train_supernet(supernet_config(photo_dirs, tmp_path / "first"))
+    # lr = 0: one step changes nothing, so the export must equal the source's weights.
+    again = train_supernet(supernet_config(photo_dirs, tmp_path / "second", init_from=str(source), steps=1,
+                                           lr=0.0, lr_min=0.0))
+    a, b = load_checkpoint(source), load_checkpoint(again)
+    for name, tensor in a.net.state_dict().items():
+        assert torch.equal(tensor, b.net.state_dict()[name]), name
+    other = {**TINY_MODEL, "channels": [16, 16, 32]}
+    with pytest.raises(ValueError, match="init_from"):
+        train_supernet(supernet_config(photo_dirs, tmp_path / "third", init_from=str(source), model=other))
+
+
 def test_resume_without_a_state_is_a_clear_error(photo_dirs, tmp_path):
     with pytest.raises(FileNotFoundError, match="resume"):
         train_supernet(supernet_config(photo_dirs, tmp_path / "fresh"), resume=True)
