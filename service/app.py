@@ -10,6 +10,7 @@ import secrets
 import time
 from contextlib import asynccontextmanager
 from enum import Enum
+from pathlib import Path
 from typing import Annotated
 
 import torch
@@ -20,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from model import CheckpointError, Denoiser, Quality, load_checkpoint
 from service.engine import Engine, QueueFull
-from service.imaging import ImageError, decode_image, encode_image, media_type
+from service.imaging import ImageError, check_output_format, decode_image, encode_image, media_type
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -202,13 +203,9 @@ def build_app(settings: Settings | None = None, on_batch=None) -> FastAPI:
         data = await file.read()
         try:
             decoded = await run_in_threadpool(decode_image, data, settings.max_pixels)
+            check_output_format(decoded, output.value)  # refuse before spending compute
         except ImageError as error:
             return fail(IMAGE_ERROR_STATUS[error.reason], str(error), quality.value, error.reason)
-        if decoded.alpha is not None and output is OutputFormat.jpeg:
-            return fail(422, "JPEG cannot carry the input's alpha channel; ask for png or webp", quality.value,
-                        "bad_output")
-        if decoded.bits == 16 and output is not OutputFormat.png:
-            return fail(422, "16-bit input keeps 16 bits: ask for png", quality.value, "bad_output")
         try:
             job = await engine.submit(decoded.rgb, quality)
         except QueueFull as error:
@@ -252,7 +249,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, checkpoint: str | None = No
     import uvicorn
 
     settings = Settings(**({"checkpoint": checkpoint} if checkpoint else {}))
-    if not __import__("pathlib").Path(settings.checkpoint).is_file():
+    if not Path(settings.checkpoint).is_file():
         raise CheckpointError(f"checkpoint not found: {settings.checkpoint}")
     uvicorn.run(build_app(settings), host=host, port=port, log_level="info")
     return 0

@@ -121,11 +121,11 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> DecodedImage:
     return DecodedImage(tensor[None].contiguous().clamp_(0, 1), grey, bits, alpha)
 
 
-def encode_image(denoised: torch.Tensor, source: DecodedImage, output_format: str = "png") -> bytes:
-    """Encode a ``(1, 3, H, W)`` result in [0, 1] like ``source`` (grey stays grey, alpha is re-attached).
+def check_output_format(source: DecodedImage, output_format: str) -> str:
+    """The Pillow format name for ``output_format``, if it can carry ``source`` (alpha, 16 bits).
 
     Raises:
-        ImageError: ``bad_output`` when the format cannot carry what the input has (alpha in JPEG, 16 bits).
+        ImageError: ``bad_output`` otherwise.
     """
     fmt = OUTPUT_FORMATS.get(output_format.lower())
     if fmt is None:
@@ -134,6 +134,16 @@ def encode_image(denoised: torch.Tensor, source: DecodedImage, output_format: st
         raise ImageError("bad_output", "JPEG cannot carry the input's alpha channel; ask for png or webp")
     if source.bits == 16 and fmt not in ("PNG", "TIFF"):
         raise ImageError("bad_output", "16-bit input keeps 16 bits: ask for png or tiff")
+    return fmt
+
+
+def encode_image(denoised: torch.Tensor, source: DecodedImage, output_format: str = "png") -> bytes:
+    """Encode a ``(1, 3, H, W)`` result in [0, 1] like ``source`` (grey stays grey, alpha is re-attached).
+
+    Raises:
+        ImageError: ``bad_output`` when the format cannot carry what the input has (alpha in JPEG, 16 bits).
+    """
+    fmt = check_output_format(source, output_format)
     pixels = denoised[0].clamp(0, 1).cpu()
     if source.grey:
         grey = pixels.mean(dim=0).numpy()

@@ -9,6 +9,7 @@ comes almost for free. The gate at ``delta_db`` is shipped.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def subnet_psnrs(net, subnets, noisy: torch.Tensor, clean: torch.Tensor) -> torc
     return torch.stack([psnr(net(noisy, s.channels), clean) for s in subnets], dim=1)
 
 
-def _validation_table(net, subnets, pairs) -> tuple[torch.Tensor, torch.Tensor]:
+def _validation_table(net, subnets, pairs) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Per validation pair: PSNR of every sub-network ``(N, K)`` and the noisy inputs."""
     rows = []
     for _, _, clean, noisy in tqdm(pairs, desc="gate (validation PSNRs)"):
@@ -117,7 +118,7 @@ def train_gate(config: GateStage, command: str = "") -> Path:
     started = time.time()
 
     for step in tqdm(range(1, config.steps + 1), desc="gate", dynamic_ncols=True):
-        lr = config.lr * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * (step - 1) / config.steps)).item())
+        lr = config.lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / config.steps))
         clean = sampler.sample(config.batch_size, config.crop)
         noisy, _ = blind_noisy(clean, config.data.sigma_min, config.data.sigma_max, config.data.quantize, generator)
         psnrs = subnet_psnrs(net, subnets, noisy, clean)
