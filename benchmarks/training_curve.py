@@ -1,6 +1,9 @@
-"""Plot stage 1's validation PSNR against training step from its JSON-lines log.
+"""Plot stage 1's validation PSNR against training step from its JSON-lines logs.
 
-    .venv/bin/python benchmarks/training_curve.py [--log checkpoints/logs/supernet.jsonl] [--out PNG]
+    .venv/bin/python benchmarks/training_curve.py [--log LOG [LOG ...]] [--out PNG]
+
+Several logs are runs that followed one another (a later run started from the earlier one's weights with
+``init_from``): their steps are laid end to end, and a dashed line marks where each run began.
 """
 
 from __future__ import annotations
@@ -17,14 +20,25 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--log", default="checkpoints/logs/supernet.jsonl")
+    parser.add_argument("--log", nargs="+", default=["checkpoints/logs/supernet.jsonl",
+                                                     "checkpoints/logs/supernet-2.jsonl"])
     parser.add_argument("--out", default="benchmarks/results/supernet_curve.png")
     args = parser.parse_args()
-    records = [json.loads(line) for line in Path(args.log).read_text().splitlines() if "val_psnr_widest" in line]
-    if not records:
-        raise SystemExit(f"error: no validation records in {args.log}")
+    records, starts, offset = [], [], 0
+    for log in args.log:
+        if not Path(log).is_file():
+            raise SystemExit(f"error: no log at {log}")
+        lines = Path(log).read_text().splitlines()
+        run = [json.loads(line) for line in lines if "val_psnr_widest" in line]
+        if not run:
+            raise SystemExit(f"error: no validation records in {log}")
+        starts.append(offset)
+        records += [{**r, "step": r["step"] + offset, "run": log} for r in run]
+        offset = records[-1]["step"]
     steps = [r["step"] for r in records]
     figure, axis = plt.subplots(figsize=(7, 4))
+    for start in starts[1:]:
+        axis.axvline(start, color="grey", linestyle=":", linewidth=1)
     for sigma in records[0]["val_psnr_widest"]:
         axis.plot(steps, [r["val_psnr_widest"][sigma] for r in records], "o-", label=f"widest, sigma {sigma}")
         axis.plot(steps, [r["val_psnr_slimmest"][sigma] for r in records], "x--", label=f"slimmest, sigma {sigma}")
@@ -36,7 +50,7 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.out, dpi=110)
     for record in records:
-        print(record["step"], record["val_psnr_widest"], record["val_psnr_slimmest"])
+        print(record["step"], record["run"], record["val_psnr_widest"], record["val_psnr_slimmest"])
     print(f"wrote {args.out}")
     return 0
 

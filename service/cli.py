@@ -27,22 +27,38 @@ def load_denoiser(path: str, device: str = "cpu", tile: int | None = None):
 
 
 def _output_paths(inputs: list[str], output: str | None) -> list[Path]:
+    """Where each input's result goes. Refuses (ValueError) before any work is done if two results would
+    land on the same file, or a result would overwrite one of the inputs it did not come from."""
     if len(inputs) == 1:
         source = Path(inputs[0])
         return [Path(output) if output else source.with_name(f"{source.stem}.denoised.png")]
     if output:
-        folder = Path(output)
-        folder.mkdir(parents=True, exist_ok=True)
-        return [folder / f"{Path(p).stem}.png" for p in inputs]
-    return [Path(p).with_name(f"{Path(p).stem}.denoised.png") for p in inputs]
+        targets = [Path(output) / f"{Path(p).stem}.png" for p in inputs]
+    else:
+        targets = [Path(p).with_name(f"{Path(p).stem}.denoised.png") for p in inputs]
+    resolved = [t.resolve() for t in targets]
+    sources = {Path(p).resolve(): p for p in inputs}
+    seen: dict[Path, str] = {}
+    for source, target in zip(inputs, resolved):
+        if target in seen:
+            raise ValueError(f"{seen[target]} and {source} would both be written to {target}; "
+                             "denoise them in separate runs or rename one")
+        if target in sources:
+            raise ValueError(f"the result of {source} would overwrite the input {sources[target]}; "
+                             "choose another output folder")
+        seen[target] = source
+    if output:
+        Path(output).mkdir(parents=True, exist_ok=True)
+    return targets
 
 
 def run_denoise(args: argparse.Namespace) -> int:
     from service.imaging import ImageError, decode_image, encode_image
 
+    targets = _output_paths(args.inputs, args.output)
     denoiser = load_denoiser(args.checkpoint, tile=args.tile)
     failures = 0
-    for source, target in zip(args.inputs, _output_paths(args.inputs, args.output)):
+    for source, target in zip(args.inputs, targets):
         started = time.perf_counter()
         try:
             decoded = decode_image(Path(source).read_bytes())

@@ -25,6 +25,9 @@ class DataConfig:
     val_sigmas: list[float] = field(default_factory=lambda: [15.0, 25.0, 50.0])
     val_crop: int = 256
     val_seed: int = 1234
+    # Training crops: random scale in this range, and the most textured of this many candidates.
+    scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    texture_candidates: int = 1
 
 
 @dataclass
@@ -42,6 +45,10 @@ class SupernetStage:
     warmup_steps: int = 100
     random_widths: int = 2
     distill_weight: float = 1.0
+    # "l1": batch-mean L1. "log_mse": mean over images of log(MSE + eps), i.e. every image's PSNR counts
+    # the same whatever its sigma, so low-noise inputs are not drowned by high-noise ones.
+    loss: str = "log_mse"
+    log_mse_eps: float = 1e-6
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     log_every: int = 10

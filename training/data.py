@@ -32,27 +32,59 @@ def load_rgb(path: Path) -> torch.Tensor:
 
 
 class PatchSampler:
-    """Random crops with flips and 90-degree rotations from images held in memory as uint8."""
+    """Random crops with flips and 90-degree rotations from images held in memory as uint8.
 
-    def __init__(self, folder: str | Path, seed: int = 0) -> None:
+    Args:
+        folder: clean training images.
+        seed: seeds the crop positions, scales and augmentations.
+        scale_range: each crop is taken at a random scale in this range (``0.5`` means a region twice the
+            crop's side, area-downsampled), so one photo yields both its own detail and denser texture.
+        texture_candidates: draw this many candidate crops and keep the one with the most gradient energy.
+            Wallpaper-like photos are mostly smooth; ``> 1`` shifts training towards the texture and edges
+            that a denoiser must keep, where ``1`` samples crops uniformly.
+    """
+
+    def __init__(self, folder: str | Path, seed: int = 0, scale_range: tuple[float, float] = (1.0, 1.0),
+                 texture_candidates: int = 1) -> None:
+        low, high = float(scale_range[0]), float(scale_range[1])
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"scale_range must satisfy 0 < low <= high <= 1, got {scale_range}")
+        if texture_candidates < 1:
+            raise ValueError(f"texture_candidates must be >= 1, got {texture_candidates}")
         self.images = [load_rgb(p) for p in list_images(folder)]
         self.rng = random.Random(seed)
+        self.scale_range = (low, high)
+        self.texture_candidates = int(texture_candidates)
+
+    def _crop(self, crop: int) -> torch.Tensor:
+        image = self.rng.choice(self.images)
+        height, width = image.shape[-2:]
+        scale = self.rng.uniform(*self.scale_range)
+        side = min(round(crop / scale), height, width)
+        y, x = self.rng.randint(0, height - side), self.rng.randint(0, width - side)
+        patch = image[:, y : y + side, x : x + side]
+        if side != crop:
+            patch = torch.nn.functional.interpolate(
+                patch[None].float(), size=(crop, crop), mode="bilinear", antialias=side > crop
+            )[0].round().clamp(0, 255)
+        return patch.float() / 255
+
+    @staticmethod
+    def texture(patch: torch.Tensor) -> float:
+        """Mean absolute finite difference, a cheap measure of edges and texture."""
+        return float((patch[..., 1:, :] - patch[..., :-1, :]).abs().mean()
+                     + (patch[..., :, 1:] - patch[..., :, :-1]).abs().mean())
 
     def sample(self, batch_size: int, crop: int) -> torch.Tensor:
         """``(B, 3, crop, crop)`` float in [0, 1]."""
         patches = []
         for _ in range(batch_size):
-            image = self.rng.choice(self.images)
-            height, width = image.shape[-2:]
-            side = min(crop, height, width)
-            y, x = self.rng.randint(0, height - side), self.rng.randint(0, width - side)
-            patch = image[:, y : y + side, x : x + side]
-            if side < crop:
-                patch = torch.nn.functional.interpolate(patch[None].float(), size=(crop, crop), mode="bilinear")[0]
+            candidates = [self._crop(crop) for _ in range(self.texture_candidates)]
+            patch = max(candidates, key=self.texture) if len(candidates) > 1 else candidates[0]
             if self.rng.random() < 0.5:
                 patch = patch.flip(-1)
             patch = torch.rot90(patch, self.rng.randint(0, 3), dims=(-2, -1))
-            patches.append(patch.float() / 255)
+            patches.append(patch)
         return torch.stack(patches)
 
     def state(self) -> object:

@@ -112,7 +112,8 @@ def train_gate(config: GateStage, command: str = "") -> Path:
     gate_config = GateConfig.from_dict({**config.gate, "num_subnets": len(subnets)})
     gates = {delta: Gate(gate_config) for delta in deltas}
     optimizers = {delta: torch.optim.Adam(g.parameters(), lr=config.lr) for delta, g in gates.items()}
-    sampler = PatchSampler(config.data.train_dir, seed=config.seed)
+    sampler = PatchSampler(config.data.train_dir, seed=config.seed, scale_range=config.data.scale_range,
+                           texture_candidates=config.data.texture_candidates)
     generator = torch.Generator().manual_seed(config.seed)
     log = JsonLog(out.parent / "gate_log.jsonl")
     started = time.time()

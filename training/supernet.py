@@ -39,6 +39,31 @@ def crop_for_step(schedule: list[list[float]], step: int, total: int) -> tuple[i
     return crop, batch
 
 
+LOSSES = ("l1", "log_mse")
+
+
+def reconstruction_loss(kind: str, output: torch.Tensor, clean: torch.Tensor, teacher: torch.Tensor | None = None,
+                        distill_weight: float = 0.0, eps: float = 1e-6) -> torch.Tensor:
+    """The stage-1 loss of one batch member's output, against the clean image and optionally the teacher.
+
+    ``l1``: L1 to the clean image plus ``distill_weight`` times L1 to the teacher, batch means.
+    ``log_mse``: per image, ``log(MSE to clean + distill_weight * MSE to teacher + eps)``, then the batch mean.
+    Its gradient is each image's MSE gradient divided by that image's error, so an image at sigma 5 weighs as
+    much as one at sigma 50 (mean PSNR is what we measure); ``eps`` caps the weight of near-perfect outputs.
+    """
+    if kind == "l1":
+        loss = F.l1_loss(output, clean)
+        if teacher is not None and distill_weight:
+            loss = loss + distill_weight * F.l1_loss(output, teacher)
+        return loss
+    if kind == "log_mse":
+        error = (output - clean).square().flatten(1).mean(1)
+        if teacher is not None and distill_weight:
+            error = error + distill_weight * (output - teacher).square().flatten(1).mean(1)
+        return torch.log(error + eps).mean()
+    raise ValueError(f"unknown loss {kind!r}; choose from {', '.join(LOSSES)}")
+
+
 def save_state(path: Path, net, ema, optimizer, step: int, sampler: PatchSampler, generator, width_rng, elapsed: float
                ) -> None:
     """Everything needed to resume, in safetensors (no pickle): weights, EMA, Adam moments, counters."""
@@ -104,6 +129,8 @@ def export_supernet(path: Path, ema: SlimUNet, provenance: dict) -> None:
 
 def train_supernet(config: SupernetStage, resume: bool = False, command: str = "") -> Path:
     """Run (or continue) stage 1; returns the exported checkpoint path."""
+    if config.loss not in LOSSES:
+        raise ValueError(f"unknown loss {config.loss!r}; choose from {', '.join(LOSSES)}")
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, out_dir / "config.yaml")
@@ -113,7 +140,8 @@ def train_supernet(config: SupernetStage, resume: bool = False, command: str = "
     ema.load_state_dict(net.state_dict())
     ema.requires_grad_(False)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
-    sampler = PatchSampler(config.data.train_dir, seed=config.seed)
+    sampler = PatchSampler(config.data.train_dir, seed=config.seed, scale_range=config.data.scale_range,
+                           texture_candidates=config.data.texture_candidates)
     generator = torch.Generator().manual_seed(config.seed)
     width_rng = random.Random(config.seed + 1)
     val_pairs = fixed_noisy_set(config.data.val_dir, config.data.val_sigmas, config.data.val_seed, config.data.val_crop)
@@ -144,14 +172,14 @@ def train_supernet(config: SupernetStage, resume: bool = False, command: str = "
 
         optimizer.zero_grad(set_to_none=True)
         teacher = net(noisy, widest)
-        loss_widest = F.l1_loss(teacher, clean)
+        loss_widest = reconstruction_loss(config.loss, teacher, clean, eps=config.log_mse_eps)
         loss_widest.backward()
         teacher = teacher.detach()
         members = [slimmest] + [net.random_widths(width_rng) for _ in range(config.random_widths)]
         member_losses = []
         for widths in members:
             student = net(noisy, widths)
-            loss = F.l1_loss(student, clean) + config.distill_weight * F.l1_loss(student, teacher)
+            loss = reconstruction_loss(config.loss, student, clean, teacher, config.distill_weight, config.log_mse_eps)
             loss.backward()
             member_losses.append(loss.item())
         torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)

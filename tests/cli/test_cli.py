@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,6 +85,28 @@ def test_several_inputs_go_to_a_folder_and_bad_ones_do_not_stop_the_rest(capsys,
         assert result.mode == "L" and result.size == (80, 64)
 
 
+def test_outputs_that_would_collide_or_overwrite_an_input_are_refused_before_any_work(capsys, tiny_checkpoint,
+                                                                                      astronaut_png, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = tmp_path / "a" / "x.png", tmp_path / "b" / "x.png"
+    first.write_bytes(astronaut_png.read_bytes())
+    second.write_bytes(astronaut_png.read_bytes())
+    folder = tmp_path / "out"
+    code, stdout, stderr = run_cli(capsys, "denoise", str(first), str(second), "-o", str(folder),
+                                   "--checkpoint", tiny_checkpoint)
+    assert code == 2 and stdout == ""
+    assert "would both be written to" in stderr and str(folder / "x.png") in stderr
+    assert not folder.exists()
+    # Writing into the inputs' own folder would replace x.png with its denoised self: refused, input intact.
+    other = tmp_path / "a" / "y.png"
+    other.write_bytes(astronaut_png.read_bytes())
+    code, _, stderr = run_cli(capsys, "denoise", str(first), str(other), "-o", str(tmp_path / "a"),
+                              "--checkpoint", tiny_checkpoint)
+    assert code == 2 and "would overwrite the input" in stderr
+    assert first.read_bytes() == astronaut_png.read_bytes()
+
+
 def test_alpha_passes_through_untouched(capsys, tiny_checkpoint, tmp_path):
     rgba = np.dstack([data.astronaut()[:40, :56], np.tile(np.arange(56, dtype=np.uint8) * 4, (40, 1))])
     source = tmp_path / "rgba.png"
@@ -159,7 +182,7 @@ def test_info_table(capsys, tiny_checkpoint):
 
 
 def test_console_script_is_installed(tiny_checkpoint):
-    executable = shutil.which("ddsnet") or str(__import__("pathlib").Path(sys.executable).with_name("ddsnet"))
+    executable = shutil.which("ddsnet") or str(Path(sys.executable).with_name("ddsnet"))
     result = subprocess.run([executable, "info", "--checkpoint", tiny_checkpoint, "--json"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr

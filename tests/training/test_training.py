@@ -14,8 +14,9 @@ from model import load_checkpoint
 from model.supernet import WidthGroup
 from service.cli import main
 from training.config import GateStage, SupernetStage, TailorStage, apply_overrides, load_config
+from training.data import PatchSampler
 from training.gate import smallest_within, train_gate
-from training.supernet import train_supernet
+from training.supernet import reconstruction_loss, train_supernet
 from training.tailor import greedy_tailor, tailor
 
 TINY_MODEL = {"channels": [8, 16, 32], "enc_blocks": [1, 1], "body_blocks": 1, "dec_blocks": [1, 1],
@@ -170,7 +171,76 @@ def test_overrides_walk_dicts_and_parse_values():
 def test_shipped_configs_load():
     from training.cli import CONFIG_DIR
 
-    assert load_config(SupernetStage, CONFIG_DIR / "supernet.yaml").steps > 0
+    supernet = load_config(SupernetStage, CONFIG_DIR / "supernet.yaml")
+    assert supernet.steps > 0 and supernet.loss == "log_mse" and supernet.data.texture_candidates >= 1
     assert load_config(TailorStage, CONFIG_DIR / "tailor.yaml").targets == [0.7, 0.45, 0.25]
-    assert 0 < load_config(GateStage, CONFIG_DIR / "gate.yaml").delta_db <= 0.2
+    gate = load_config(GateStage, CONFIG_DIR / "gate.yaml")
+    assert 0 < gate.delta_db <= 1.0 and gate.delta_db in gate.delta_sweep
     assert np.isfinite(load_config(GateStage, CONFIG_DIR / "gate.yaml").lr)
+
+
+def test_log_mse_loss_counts_every_image_alike_whatever_its_error():
+    clean = torch.zeros(2, 3, 8, 8)
+    output = clean.clone()
+    output[0] += 0.01  # a low-noise image, small error
+    output[1] += 0.1  # a high-noise image, large error
+    loss = reconstruction_loss("log_mse", output, clean, eps=0.0)
+    assert torch.isclose(loss, (torch.log(torch.tensor(1e-4)) + torch.log(torch.tensor(1e-2))) / 2)
+    # Halving either image's error lowers the loss by the same amount (log 4 / 2): equal weight per image.
+    for index in (0, 1):
+        better = output.clone()
+        better[index] /= 2
+        drop = loss - reconstruction_loss("log_mse", better, clean, eps=0.0)
+        assert torch.isclose(drop, torch.log(torch.tensor(4.0)) / 2, atol=1e-5)
+    # The batch-mean L1 instead is dominated by the high-noise image.
+    l1 = reconstruction_loss("l1", output, clean)
+    assert torch.isclose(l1, torch.tensor(0.055))
+    teacher = torch.full_like(clean, 0.01)
+    with_teacher = reconstruction_loss("log_mse", output, clean, teacher, distill_weight=0.5, eps=0.0)
+    expected = (torch.log(torch.tensor(1e-4 + 0.0)) + torch.log(torch.tensor(1e-2 + 0.5 * 0.09 ** 2))) / 2
+    assert torch.isclose(with_teacher, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown loss"):
+        reconstruction_loss("l2", output, clean)
+
+
+def test_unknown_loss_in_config_is_refused_before_training(photo_dirs, tmp_path):
+    with pytest.raises(ValueError, match="unknown loss"):
+        train_supernet(supernet_config(photo_dirs, tmp_path / "bad", loss="huber"))
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.fixture(scope="module")
+def half_textured_dir(tmp_path_factory):
+    """One 64x256 image: a flat left half and a one-pixel checkerboard right half."""
+    folder = tmp_path_factory.mktemp("half")
+    pixels = np.full((64, 256, 3), 128, np.uint8)
+    checker = (np.indices((64, 128)).sum(0) % 2 * 255).astype(np.uint8)
+    pixels[:, 128:] = checker[..., None]
+    Image.fromarray(pixels).save(folder / "half.png")
+    return folder
+
+
+def test_texture_candidates_shift_crops_towards_texture(half_textured_dir):
+    def textured_fraction(candidates: int) -> float:
+        sampler = PatchSampler(half_textured_dir, seed=3, texture_candidates=candidates)
+        patches = sampler.sample(200, 16)
+        return sum(PatchSampler.texture(p) > 0.1 for p in patches) / len(patches)
+
+    uniform, biased = textured_fraction(1), textured_fraction(4)
+    assert 0.3 < uniform < 0.7
+    assert biased > 0.9
+
+
+def test_scale_range_area_downsamples_larger_regions(half_textured_dir):
+    full = PatchSampler(half_textured_dir, seed=0, scale_range=(1.0, 1.0))
+    half = PatchSampler(half_textured_dir, seed=0, scale_range=(0.5, 0.5))
+    # Crops of the checkerboard alone: at scale 1 it stays a checkerboard, at scale 0.5 it averages to grey.
+    full.images = half.images = [image[:, :, 128:] for image in full.images]
+    assert all(PatchSampler.texture(p) > 1.5 for p in full.sample(8, 16))
+    downsampled = half.sample(8, 16)
+    assert downsampled.shape == (8, 3, 16, 16)
+    assert all(PatchSampler.texture(p) < 0.05 for p in downsampled)
+    assert torch.allclose(downsampled.mean(), torch.tensor(0.5), atol=0.01)
+    for bad in ({"scale_range": (0.0, 1.0)}, {"scale_range": (0.8, 0.5)}, {"texture_candidates": 0}):
+        with pytest.raises(ValueError):
+            PatchSampler(half_textured_dir, **bad)
