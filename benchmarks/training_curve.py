@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/training_curve.py [--log LOG [LOG ...]] [--out PNG]
 
 Several logs are runs that followed one another (a later run started from the earlier one's weights with
-``init_from``): their steps are laid end to end, and a dashed line marks where each run began.
+``init_from``): their steps are laid end to end, and a dotted line marks where each run began.
 """
 
 from __future__ import annotations
