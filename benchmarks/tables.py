@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+GATE_REPORT = Path(__file__).resolve().parent.parent / "checkpoints" / "logs" / "gate_report.json"
 
 
 def quality_table(report: dict) -> str:
@@ -46,6 +47,24 @@ def quality_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def gate_table(report: dict) -> str:
+    """The validation delta sweep of stage 3; the shipped row in bold."""
+    shipped = report["shipped"]["delta_db"]
+    lines = ["| δ (dB) | accuracy | auto PSNR | auto MFLOPs/px | oracle PSNR | oracle MFLOPs/px |",
+             "|---|---|---|---|---|---|"]
+    for row in report["delta_sweep"]:
+        delta = f"**{row['delta_db']:g} (ships)**" if row["delta_db"] == shipped else f"{row['delta_db']:g}"
+        lines.append(f"| {delta} | {row['accuracy']:.2f} | {row['auto_psnr']:.2f} | "
+                     f"{row['auto_mflops_per_pixel']:.3f} | {row['oracle_psnr']:.2f} | "
+                     f"{row['oracle_mflops_per_pixel']:.3f} |")
+    best = report["shipped"]
+    lines += ["", f"`best` {best['best_psnr']:.2f} dB at {best['best_mflops_per_pixel']:.3f} MFLOPs/px, "
+              f"`fast` {best['fast_psnr']:.2f} at {best['fast_mflops_per_pixel']:.3f}; shipped by "
+              f"`{report.get('shipped_rule', 'delta_db')}`; confusion matrix of the shipped gate (rows: label, "
+              f"columns: pick): {best['confusion_matrix_label_by_pick']}"]
+    return "\n".join(lines)
+
+
 def serve_table(report: dict) -> str:
     raw = report["raw_loop"]
     lines = ["| run | concurrency | MPix/s | vs raw | p50 s | p95 s | p99 s |", "|---|---|---|---|---|---|---|",
@@ -66,6 +85,10 @@ def main() -> int:
             print(f"### {name} (`{report['command']}`)\n")
             print(render(report))
             print()
+    if GATE_REPORT.is_file():
+        print(f"### {GATE_REPORT.name} (stage 3, validation)\n")
+        print(gate_table(json.loads(GATE_REPORT.read_text())))
+        print()
     return 0
 
 

@@ -73,6 +73,18 @@ class TailorStage:
     targets: list[float] = field(default_factory=lambda: [0.7, 0.45, 0.25])
     # "psnr": keep the cut that loses the least PSNR (AutoSlim); "psnr_per_flop": least loss per FLOP saved.
     criterion: str = "psnr"
+    # The short fine-tune of the supernet restricted to the K tailored configurations (0 = none): every
+    # step trains the widest on the clean image and the other K-1 with in-place distillation from it.
+    finetune_steps: int = 0
+    finetune_lr: float = 5e-5
+    finetune_crop: int = 128
+    finetune_batch: int = 8
+    loss: str = "log_mse"
+    log_mse_eps: float = 1e-6
+    distill_weight: float = 1.0
+    grad_clip: float = 1.0
+    log_every: int = 10
+    seed: int = 0
 
 
 @dataclass
@@ -82,7 +94,10 @@ class GateStage:
     tailored: str = "runs/tailor/tailored.safetensors"
     out: str = "runs/gate/ddsnet.safetensors"
     data: DataConfig = field(default_factory=DataConfig)
-    delta_db: float = 0.1
+    # A number, or "auto": ship the sweep's gate with the fewest validation FLOPs among those whose
+    # validation PSNR is within ``auto_max_drop_db`` of the widest's.
+    delta_db: float | str = 0.1
+    auto_max_drop_db: float = 0.05
     delta_sweep: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.5])
     steps: int = 300
     batch_size: int = 16

@@ -3,7 +3,8 @@
 For each training crop, all K sub-networks run (the supernet is frozen); the label is the smallest
 sub-network whose PSNR is within ``delta`` dB of the widest. One gate is trained per delta of the sweep
 from the same online PSNRs (the gate is tiny, the PSNRs are the cost), so the sweep's PSNR-FLOPs curve
-comes almost for free. The gate at ``delta_db`` is shipped.
+comes almost for free. The gate at ``delta_db`` is shipped, or with ``delta_db: auto`` the cheapest gate
+on validation that stays within ``auto_max_drop_db`` of the widest there.
 """
 
 from __future__ import annotations
@@ -97,8 +98,24 @@ def _report(gate: Gate, table: torch.Tensor, noisies: list, mflops: torch.Tensor
     }
 
 
+def choose_shipped(sweep: list[dict], delta_db: float | str, max_drop_db: float) -> dict:
+    """The sweep report whose gate ships: the one at ``delta_db``, or for ``"auto"`` the fewest validation
+    FLOPs among gates whose validation PSNR is at most ``max_drop_db`` below the widest's (the best PSNR if
+    none is)."""
+    if delta_db != "auto":
+        return next(r for r in sweep if r["delta_db"] == delta_db)
+    within = [r for r in sweep if r["auto_psnr"] >= r["best_psnr"] - max_drop_db]
+    if not within:
+        return max(sweep, key=lambda r: (r["auto_psnr"], -r["auto_mflops_per_pixel"]))
+    return min(within, key=lambda r: (r["auto_mflops_per_pixel"], -r["auto_psnr"]))
+
+
 def train_gate(config: GateStage, command: str = "") -> Path:
     """Run stage 3 on the tailored checkpoint; writes the gated checkpoint and ``gate_report.json`` beside it."""
+    if config.delta_db != "auto" and not isinstance(config.delta_db, int | float):
+        raise ValueError(f"delta_db must be a number of dB or 'auto', not {config.delta_db!r}")
+    if config.delta_db == "auto" and not config.delta_sweep:
+        raise ValueError("delta_db: auto chooses among the delta_sweep gates, and delta_sweep is empty")
     out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_config(config, out.parent / "gate_config.yaml")
@@ -108,7 +125,7 @@ def train_gate(config: GateStage, command: str = "") -> Path:
     mflops = torch.tensor([s.mflops_per_pixel for s in subnets])
     relative_cost = mflops / mflops.max()
     torch.manual_seed(config.seed)
-    deltas = sorted(set(config.delta_sweep) | {config.delta_db})
+    deltas = sorted(set(config.delta_sweep) | ({config.delta_db} if config.delta_db != "auto" else set()))
     gate_config = GateConfig.from_dict({**config.gate, "num_subnets": len(subnets)})
     gates = {delta: Gate(gate_config) for delta in deltas}
     optimizers = {delta: torch.optim.Adam(g.parameters(), lr=config.lr) for delta, g in gates.items()}
@@ -147,16 +164,22 @@ def train_gate(config: GateStage, command: str = "") -> Path:
     table, noisies = _validation_table(net, subnets, pairs)
     sigmas = [sigma for _, sigma, _, _ in pairs]
     sweep = [_report(gate, table, noisies, mflops, delta, sigmas) for delta, gate in gates.items()]
-    shipped = next(r for r in sweep if r["delta_db"] == config.delta_db)
-    report = {"shipped": shipped, "delta_sweep": sweep, "subnets": [s.to_dict() for s in subnets]}
+    shipped = choose_shipped(sweep, config.delta_db, config.auto_max_drop_db)
+    rule = f"delta_db={config.delta_db}"
+    if config.delta_db == "auto":
+        rule += f", auto_max_drop_db={config.auto_max_drop_db}"
+    report = {"shipped": shipped, "shipped_rule": rule, "delta_sweep": sweep,
+              "subnets": [s.to_dict() for s in subnets]}
     (out.parent / "gate_report.json").write_text(json.dumps(report, indent=2))
     log.write(report=shipped, seconds=round(time.time() - started, 1))
 
     provenance = dict(checkpoint.provenance)
     provenance["gate"] = {
-        "command": command, "train_dir": config.data.train_dir, "steps": config.steps, "delta_db": config.delta_db,
+        "command": command, "train_dir": config.data.train_dir, "steps": config.steps,
+        "delta_db": shipped["delta_db"],
         "val_accuracy": shipped["accuracy"], "seconds": round(time.time() - started, 1),
     }
     dtype = {"float32": torch.float32, "float16": torch.float16}[config.save_dtype]
-    save_checkpoint(out, net, gates[config.delta_db], subnets, gate_trained=True, provenance=provenance, dtype=dtype)
+    gate = gates[shipped["delta_db"]]
+    save_checkpoint(out, net, gate, subnets, gate_trained=True, provenance=provenance, dtype=dtype)
     return out

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from model.checkpoint import Subnet, load_checkpoint, save_checkpoint
 from model.flops import supernet_mflops_per_pixel
 from model.gate import Gate, GateConfig
-from model.supernet import SlimUNet, SupernetConfig
+from model.supernet import SlimUNet, SupernetConfig, WidthConfig
 from training.common import JsonLog, cosine_lr, psnr_by_sigma
 from training.config import SupernetStage, save_config
 from training.data import PatchSampler, blind_noisy, fixed_noisy_set
@@ -62,6 +62,25 @@ def reconstruction_loss(kind: str, output: torch.Tensor, clean: torch.Tensor, te
             error = error + distill_weight * (output - teacher).square().flatten(1).mean(1)
         return torch.log(error + eps).mean()
     raise ValueError(f"unknown loss {kind!r}; choose from {', '.join(LOSSES)}")
+
+
+def sandwich_backward(net: SlimUNet, noisy: torch.Tensor, clean: torch.Tensor, members: list[WidthConfig],
+                      loss: str, distill_weight: float, eps: float) -> tuple[float, list[float]]:
+    """Accumulate one sandwich step's gradients; returns the widest's loss and each member's.
+
+    The widest learns from the clean image; every member from the clean image and, in-place distillation,
+    from the widest's detached output.
+    """
+    teacher = net(noisy, net.widest())
+    loss_widest = reconstruction_loss(loss, teacher, clean, eps=eps)
+    loss_widest.backward()
+    teacher = teacher.detach()
+    member_losses = []
+    for widths in members:
+        member_loss = reconstruction_loss(loss, net(noisy, widths), clean, teacher, distill_weight, eps)
+        member_loss.backward()
+        member_losses.append(member_loss.item())
+    return loss_widest.item(), member_losses
 
 
 def save_state(path: Path, net, ema, optimizer, step: int, sampler: PatchSampler, generator, width_rng, elapsed: float
@@ -171,17 +190,10 @@ def train_supernet(config: SupernetStage, resume: bool = False, command: str = "
         noisy, _ = blind_noisy(clean, config.data.sigma_min, config.data.sigma_max, config.data.quantize, generator)
 
         optimizer.zero_grad(set_to_none=True)
-        teacher = net(noisy, widest)
-        loss_widest = reconstruction_loss(config.loss, teacher, clean, eps=config.log_mse_eps)
-        loss_widest.backward()
-        teacher = teacher.detach()
         members = [slimmest] + [net.random_widths(width_rng) for _ in range(config.random_widths)]
-        member_losses = []
-        for widths in members:
-            student = net(noisy, widths)
-            loss = reconstruction_loss(config.loss, student, clean, teacher, config.distill_weight, config.log_mse_eps)
-            loss.backward()
-            member_losses.append(loss.item())
+        loss_widest, member_losses = sandwich_backward(
+            net, noisy, clean, members, config.loss, config.distill_weight, config.log_mse_eps
+        )
         torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
         optimizer.step()
         with torch.no_grad():
@@ -193,11 +205,11 @@ def train_supernet(config: SupernetStage, resume: bool = False, command: str = "
 
         if step % config.log_every == 0:
             log.write(
-                step=step, lr=lr, crop=crop, batch=batch, loss_widest=round(loss_widest.item(), 6),
+                step=step, lr=lr, crop=crop, batch=batch, loss_widest=round(loss_widest, 6),
                 loss_slimmest=round(member_losses[0], 6), loss_random=[round(x, 6) for x in member_losses[1:]],
                 seconds=round(elapsed, 1),
             )
-            progress.set_postfix(loss=f"{loss_widest.item():.4f}", lr=f"{lr:.2e}")
+            progress.set_postfix(loss=f"{loss_widest:.4f}", lr=f"{lr:.2e}")
         if step % config.val_every == 0 or step == config.steps:
             ema.eval()
             log.write(

@@ -3,6 +3,8 @@
 Starting from the widest configuration, each iteration tries cutting every slimmable group by one step
 on a fixed validation batch and keeps the cut that costs the least PSNR. Whenever the FLOPs fall under the
 next target fraction, the configuration is recorded. The result is a table of K sub-networks, widest first.
+Optionally (``finetune_steps``) the supernet is then fine-tuned on those K configurations only, so that the
+weights it shares serve the configurations that ship rather than every possible one.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from model.flops import supernet_mflops_per_pixel
 from model.gate import Gate, GateConfig
 from model.metrics import psnr
 from model.supernet import SlimUNet, WidthConfig, WidthGroup
-from training.common import JsonLog, psnr_by_sigma
+from training.common import JsonLog, cosine_lr, psnr_by_sigma
 from training.config import TailorStage, save_config
-from training.data import fixed_noisy_set
+from training.data import PatchSampler, blind_noisy, fixed_noisy_set
+from training.supernet import LOSSES, sandwich_backward
 
 TAILORED_FILE = "tailored.safetensors"
 
@@ -90,8 +93,52 @@ def greedy_tailor(
     return recorded
 
 
+def finetune(net: SlimUNet, configs: list[WidthConfig], config: TailorStage, log: JsonLog, started: float) -> None:
+    """Train ``net`` in place on ``configs`` only (``configs[0]`` the widest): Adam, cosine LR to zero."""
+    net.train().requires_grad_(True)
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.finetune_lr)
+    torch.manual_seed(config.seed)
+    data = config.data
+    sampler = PatchSampler(data.train_dir, seed=config.seed, scale_range=data.scale_range,
+                           texture_candidates=data.texture_candidates)
+    generator = torch.Generator().manual_seed(config.seed)
+    members = [widths for widths in configs if tuple(widths) != tuple(net.widest())]
+    progress = tqdm(range(config.finetune_steps), desc="tailor (fine-tune)", dynamic_ncols=True)
+    for step in progress:
+        lr = cosine_lr(step, config.finetune_steps, config.finetune_lr, 0.0, 0)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        clean = sampler.sample(config.finetune_batch, config.finetune_crop)
+        noisy, _ = blind_noisy(clean, data.sigma_min, data.sigma_max, data.quantize, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss_widest, member_losses = sandwich_backward(
+            net, noisy, clean, members, config.loss, config.distill_weight, config.log_mse_eps
+        )
+        torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
+        optimizer.step()
+        if (step + 1) % config.log_every == 0 or step + 1 == config.finetune_steps:
+            log.write(finetune_step=step + 1, lr=lr, loss_widest=round(loss_widest, 6),
+                      loss_members=[round(x, 6) for x in member_losses], seconds=round(time.time() - started, 1))
+            progress.set_postfix(loss=f"{loss_widest:.4f}")
+    net.eval().requires_grad_(False)
+
+
+def _table(net: SlimUNet, configs: list[WidthConfig], val_pairs: list, desc: str) -> list[Subnet]:
+    subnets = []
+    for widths in tqdm(configs, desc=desc):
+        mflops = round(supernet_mflops_per_pixel(net, widths), 6)
+        subnets.append(Subnet(widths, mflops, psnr_by_sigma(net, widths, val_pairs)))
+    return subnets
+
+
 def tailor(config: TailorStage, command: str = "") -> Path:
-    """Run stage 2 on the supernet checkpoint; writes the tailored checkpoint and ``table.json``."""
+    """Run stage 2 on the supernet checkpoint; writes the tailored checkpoint and ``table.json``.
+
+    With ``finetune_steps`` the table is measured before the fine-tune too (``table_before_finetune.json``),
+    so what the fine-tune bought is on record.
+    """
+    if config.loss not in LOSSES:
+        raise ValueError(f"unknown loss {config.loss!r}; choose from {', '.join(LOSSES)}")
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, out_dir / "config.yaml")
@@ -119,17 +166,20 @@ def tailor(config: TailorStage, command: str = "") -> Path:
     progress.close()
 
     val_pairs = fixed_noisy_set(config.data.val_dir, config.data.val_sigmas, config.data.val_seed)
-    subnets = []
-    for widths in tqdm(configs, desc="tailor (validation)"):
-        mflops = round(supernet_mflops_per_pixel(net, widths), 6)
-        subnets.append(Subnet(widths, mflops, psnr_by_sigma(net, widths, val_pairs)))
+    if config.finetune_steps > 0:
+        before = [s.to_dict() for s in _table(net, configs, val_pairs, "tailor (validation, before fine-tune)")]
+        (out_dir / "table_before_finetune.json").write_text(json.dumps(before, indent=2))
+        log.write(table_before_finetune=before, seconds=round(time.time() - started, 1))
+        finetune(net, configs, config, log, started)
+    subnets = _table(net, configs, val_pairs, "tailor (validation)")
     table = [s.to_dict() for s in subnets]
     (out_dir / "table.json").write_text(json.dumps(table, indent=2))
     log.write(table=table, seconds=round(time.time() - started, 1))
 
     provenance = dict(checkpoint.provenance)
     provenance["tailor"] = {"command": command, "val_dir": config.data.val_dir, "targets": config.targets,
-                            "criterion": config.criterion, "seconds": round(time.time() - started, 1)}
+                            "criterion": config.criterion, "finetune_steps": config.finetune_steps,
+                            "seconds": round(time.time() - started, 1)}
     gate = Gate(GateConfig(num_subnets=len(subnets)))
     path = out_dir / TAILORED_FILE
     save_checkpoint(path, net, gate, subnets, gate_trained=False, provenance=provenance)

@@ -15,7 +15,7 @@ from model.supernet import WidthGroup
 from service.cli import main
 from training.config import GateStage, SupernetStage, TailorStage, apply_overrides, load_config
 from training.data import PatchSampler
-from training.gate import smallest_within, train_gate
+from training.gate import choose_shipped, smallest_within, train_gate
 from training.supernet import reconstruction_loss, train_supernet
 from training.tailor import greedy_tailor, tailor
 
@@ -80,6 +80,29 @@ def test_three_stages_end_to_end_give_a_checkpoint_the_cli_serves(photo_dirs, tm
     assert main(["denoise", str(source), "-o", str(tmp_path / "out.png"), "--checkpoint", str(final)]) == 0
     with Image.open(tmp_path / "out.png") as result, Image.open(source) as original:
         assert result.size == original.size
+
+
+def test_tailor_finetune_trains_only_the_found_configurations_and_records_before_and_after(photo_dirs, tmp_path):
+    supernet = train_supernet(supernet_config(photo_dirs, tmp_path / "s1"))
+    common = ["search_crop=32", f"data={json.dumps(tiny_data(photo_dirs))}", "finetune_crop=16",
+              "finetune_batch=2", "log_every=1"]
+    plain = tailor(load_config(TailorStage, None, [f"supernet={supernet}", f"out_dir={tmp_path / 'plain'}", *common]))
+    tuned = tailor(load_config(TailorStage, None, [f"supernet={supernet}", f"out_dir={tmp_path / 'tuned'}",
+                                                   "finetune_steps=3", "finetune_lr=0.01", *common]))
+    assert not (tmp_path / "plain" / "table_before_finetune.json").exists()
+    before = json.loads((tmp_path / "tuned" / "table_before_finetune.json").read_text())
+    after = json.loads((tmp_path / "tuned" / "table.json").read_text())
+    # The search ran on the same weights, so the fine-tune starts from the plain run's table...
+    assert before == json.loads((tmp_path / "plain" / "table.json").read_text())
+    assert [row["channels"] for row in after] == [row["channels"] for row in before]
+    # ...and moves the weights, so the validation PSNRs change.
+    assert [row["val_psnr"] for row in after] != [row["val_psnr"] for row in before]
+    a, b = load_checkpoint(plain), load_checkpoint(tuned)
+    assert any(not torch.equal(t, b.net.state_dict()[k]) for k, t in a.net.state_dict().items())
+    steps = [json.loads(x)["finetune_step"] for x in (tmp_path / "tuned" / "log.jsonl").read_text().splitlines()
+             if "finetune_step" in x]
+    assert steps == [1, 2, 3]
+    assert b.provenance["tailor"]["finetune_steps"] == 3
 
 
 def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(photo_dirs, tmp_path):
@@ -159,6 +182,26 @@ def test_label_rule_on_hand_made_psnrs():
     assert smallest_within(psnrs, mflops, 5.0).tolist() == [3, 3, 3, 3]
 
 
+def test_auto_delta_ships_the_cheapest_gate_within_the_drop_on_validation():
+    def row(delta, auto_psnr, auto_mflops):
+        return {"delta_db": delta, "auto_psnr": auto_psnr, "auto_mflops_per_pixel": auto_mflops, "best_psnr": 30.0}
+
+    sweep = [row(0.0, 30.00, 0.40), row(0.1, 29.97, 0.30), row(0.2, 29.96, 0.25), row(0.5, 29.80, 0.12)]
+    assert choose_shipped(sweep, "auto", 0.05)["delta_db"] == 0.2
+    assert choose_shipped(sweep, "auto", 0.5)["delta_db"] == 0.5
+    assert choose_shipped(sweep, 0.1, 0.05)["delta_db"] == 0.1
+    # Nothing within the drop: the highest PSNR ships.
+    assert choose_shipped([row(0.1, 29.5, 0.3), row(0.2, 29.7, 0.2)], "auto", 0.05)["delta_db"] == 0.2
+
+
+def test_gate_delta_must_be_a_number_or_auto(tmp_path):
+    with pytest.raises(ValueError, match="delta_db"):
+        train_gate(load_config(GateStage, None, ["delta_db=sometimes", f"out={tmp_path / 'g.safetensors'}"]))
+    with pytest.raises(ValueError, match="delta_sweep"):
+        train_gate(load_config(GateStage, None, ["delta_db=auto", "delta_sweep=[]",
+                                                 f"out={tmp_path / 'g.safetensors'}"]))
+
+
 def test_overrides_walk_dicts_and_parse_values():
     raw = apply_overrides({"data": {"sigma_max": 55}}, ["data.sigma_max=30", "steps=7", "model.channels=[8, 16]"])
     assert raw == {"data": {"sigma_max": 30}, "steps": 7, "model": {"channels": [8, 16]}}
@@ -173,10 +216,12 @@ def test_shipped_configs_load():
 
     supernet = load_config(SupernetStage, CONFIG_DIR / "supernet.yaml")
     assert supernet.steps > 0 and supernet.loss == "log_mse" and supernet.data.texture_candidates >= 1
-    assert load_config(TailorStage, CONFIG_DIR / "tailor.yaml").targets == [0.7, 0.45, 0.25]
+    tailor_stage = load_config(TailorStage, CONFIG_DIR / "tailor.yaml")
+    assert tailor_stage.targets == [0.7, 0.45, 0.25]
     gate = load_config(GateStage, CONFIG_DIR / "gate.yaml")
-    assert 0 < gate.delta_db <= 1.0 and gate.delta_db in gate.delta_sweep
-    assert np.isfinite(load_config(GateStage, CONFIG_DIR / "gate.yaml").lr)
+    assert gate.delta_db == "auto" and 0 < gate.auto_max_drop_db <= 0.5 and len(gate.delta_sweep) >= 2
+    assert np.isfinite(gate.lr)
+    assert tailor_stage.finetune_steps > 0 and tailor_stage.data.train_dir
 
 
 def test_log_mse_loss_counts_every_image_alike_whatever_its_error():
