@@ -57,11 +57,11 @@ def gate_table(report: dict) -> str:
         lines.append(f"| {delta} | {row['accuracy']:.2f} | {row['auto_psnr']:.2f} | "
                      f"{row['auto_mflops_per_pixel']:.3f} | {row['oracle_psnr']:.2f} | "
                      f"{row['oracle_mflops_per_pixel']:.3f} |")
-    best = report["shipped"]
-    lines += ["", f"`best` {best['best_psnr']:.2f} dB at {best['best_mflops_per_pixel']:.3f} MFLOPs/px, "
-              f"`fast` {best['fast_psnr']:.2f} at {best['fast_mflops_per_pixel']:.3f}; shipped by "
+    row = report["shipped"]
+    lines += ["", f"`best` {row['best_psnr']:.2f} dB at {row['best_mflops_per_pixel']:.3f} MFLOPs/px, "
+              f"`fast` {row['fast_psnr']:.2f} at {row['fast_mflops_per_pixel']:.3f}; shipped by "
               f"`{report.get('shipped_rule', 'delta_db')}`; confusion matrix of the shipped gate (rows: label, "
-              f"columns: pick): {best['confusion_matrix_label_by_pick']}"]
+              f"columns: pick): {row['confusion_matrix_label_by_pick']}"]
     return "\n".join(lines)
 
 

@@ -42,6 +42,12 @@ def crop_for_step(schedule: list[list[float]], step: int, total: int) -> tuple[i
 LOSSES = ("l1", "log_mse")
 
 
+def check_loss(kind: str) -> None:
+    """Refuse an unknown loss name before any work is done."""
+    if kind not in LOSSES:
+        raise ValueError(f"unknown loss {kind!r}; choose from {', '.join(LOSSES)}")
+
+
 def reconstruction_loss(kind: str, output: torch.Tensor, clean: torch.Tensor, teacher: torch.Tensor | None = None,
                         distill_weight: float = 0.0, eps: float = 1e-6) -> torch.Tensor:
     """The stage-1 loss of one batch member's output, against the clean image and optionally the teacher.
@@ -148,8 +154,7 @@ def export_supernet(path: Path, ema: SlimUNet, provenance: dict) -> None:
 
 def train_supernet(config: SupernetStage, resume: bool = False, command: str = "") -> Path:
     """Run (or continue) stage 1; returns the exported checkpoint path."""
-    if config.loss not in LOSSES:
-        raise ValueError(f"unknown loss {config.loss!r}; choose from {', '.join(LOSSES)}")
+    check_loss(config.loss)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, out_dir / "config.yaml")

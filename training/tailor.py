@@ -25,7 +25,7 @@ from model.supernet import SlimUNet, WidthConfig, WidthGroup
 from training.common import JsonLog, cosine_lr, psnr_by_sigma
 from training.config import TailorStage, save_config
 from training.data import PatchSampler, blind_noisy, fixed_noisy_set
-from training.supernet import LOSSES, sandwich_backward
+from training.supernet import check_loss, sandwich_backward
 
 TAILORED_FILE = "tailored.safetensors"
 
@@ -97,12 +97,11 @@ def finetune(net: SlimUNet, configs: list[WidthConfig], config: TailorStage, log
     """Train ``net`` in place on ``configs`` only (``configs[0]`` the widest): Adam, cosine LR to zero."""
     net.train().requires_grad_(True)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.finetune_lr)
-    torch.manual_seed(config.seed)
     data = config.data
     sampler = PatchSampler(data.train_dir, seed=config.seed, scale_range=data.scale_range,
                            texture_candidates=data.texture_candidates)
     generator = torch.Generator().manual_seed(config.seed)
-    members = [widths for widths in configs if tuple(widths) != tuple(net.widest())]
+    members = configs[1:]
     progress = tqdm(range(config.finetune_steps), desc="tailor (fine-tune)", dynamic_ncols=True)
     for step in progress:
         lr = cosine_lr(step, config.finetune_steps, config.finetune_lr, 0.0, 0)
@@ -137,8 +136,7 @@ def tailor(config: TailorStage, command: str = "") -> Path:
     With ``finetune_steps`` the table is measured before the fine-tune too (``table_before_finetune.json``),
     so what the fine-tune bought is on record.
     """
-    if config.loss not in LOSSES:
-        raise ValueError(f"unknown loss {config.loss!r}; choose from {', '.join(LOSSES)}")
+    check_loss(config.loss)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, out_dir / "config.yaml")
