@@ -20,8 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--log", nargs="+", default=[f"checkpoints/logs/{name}.jsonl"
-                                                     for name in ("supernet", "supernet-2", "supernet-3")])
+    sessions = ("supernet", "supernet-2", "supernet-3", "supernet-4")
+    parser.add_argument("--log", nargs="+", default=[f"checkpoints/logs/{name}.jsonl" for name in sessions])
     parser.add_argument("--out", default="benchmarks/results/supernet_curve.png")
     args = parser.parse_args()
     records, starts, offset = [], [], 0
