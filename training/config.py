@@ -31,7 +31,20 @@ class DataConfig:
 
 
 @dataclass
-class SupernetStage:
+class SandwichLoss:
+    """The loss of a sandwich step (stage 1, and stage 2's fine-tune): the widest against the clean image,
+    every other member against the clean image and the widest's detached output."""
+
+    distill_weight: float = 1.0
+    # "l1": batch-mean L1. "log_mse": mean over images of log(MSE + eps), i.e. every image's PSNR counts
+    # the same whatever its sigma, so low-noise inputs are not drowned by high-noise ones.
+    loss: str = "log_mse"
+    log_mse_eps: float = 1e-6
+    grad_clip: float = 1.0
+
+
+@dataclass
+class SupernetStage(SandwichLoss):
     """Stage 1: sandwich-rule training with in-place distillation."""
 
     out_dir: str = "runs/supernet"
@@ -44,13 +57,7 @@ class SupernetStage:
     lr_min: float = 1e-6
     warmup_steps: int = 100
     random_widths: int = 2
-    distill_weight: float = 1.0
-    # "l1": batch-mean L1. "log_mse": mean over images of log(MSE + eps), i.e. every image's PSNR counts
-    # the same whatever its sigma, so low-noise inputs are not drowned by high-noise ones.
-    loss: str = "log_mse"
-    log_mse_eps: float = 1e-6
     ema_decay: float = 0.999
-    grad_clip: float = 1.0
     log_every: int = 10
     val_every: int = 250
     save_every: int = 50
@@ -61,8 +68,8 @@ class SupernetStage:
 
 
 @dataclass
-class TailorStage:
-    """Stage 2: greedy progressive channel tailoring (AutoSlim)."""
+class TailorStage(SandwichLoss):
+    """Stage 2: greedy progressive channel tailoring (AutoSlim), then optionally a short fine-tune."""
 
     supernet: str = "runs/supernet/supernet.safetensors"
     out_dir: str = "runs/tailor"
@@ -79,10 +86,6 @@ class TailorStage:
     finetune_lr: float = 5e-5
     finetune_crop: int = 128
     finetune_batch: int = 8
-    loss: str = "log_mse"
-    log_mse_eps: float = 1e-6
-    distill_weight: float = 1.0
-    grad_clip: float = 1.0
     log_every: int = 10
     seed: int = 0
 

@@ -23,7 +23,7 @@ from model.flops import supernet_mflops_per_pixel
 from model.gate import Gate, GateConfig
 from model.supernet import SlimUNet, SupernetConfig, WidthConfig
 from training.common import JsonLog, cosine_lr, psnr_by_sigma
-from training.config import SupernetStage, save_config
+from training.config import SandwichLoss, SupernetStage, save_config
 from training.data import PatchSampler, blind_noisy, fixed_noisy_set
 
 STATE_FILE = "state.safetensors"
@@ -57,35 +57,36 @@ def reconstruction_loss(kind: str, output: torch.Tensor, clean: torch.Tensor, te
     Its gradient is each image's MSE gradient divided by that image's error, so an image at sigma 5 weighs as
     much as one at sigma 50 (mean PSNR is what we measure); ``eps`` caps the weight of near-perfect outputs.
     """
+    check_loss(kind)
     if kind == "l1":
         loss = F.l1_loss(output, clean)
         if teacher is not None and distill_weight:
             loss = loss + distill_weight * F.l1_loss(output, teacher)
         return loss
-    if kind == "log_mse":
-        error = (output - clean).square().flatten(1).mean(1)
-        if teacher is not None and distill_weight:
-            error = error + distill_weight * (output - teacher).square().flatten(1).mean(1)
-        return torch.log(error + eps).mean()
-    raise ValueError(f"unknown loss {kind!r}; choose from {', '.join(LOSSES)}")
+    error = (output - clean).square().flatten(1).mean(1)
+    if teacher is not None and distill_weight:
+        error = error + distill_weight * (output - teacher).square().flatten(1).mean(1)
+    return torch.log(error + eps).mean()
 
 
 def sandwich_backward(net: SlimUNet, noisy: torch.Tensor, clean: torch.Tensor, members: list[WidthConfig],
-                      loss: str, distill_weight: float, eps: float) -> tuple[float, list[float]]:
-    """Accumulate one sandwich step's gradients; returns the widest's loss and each member's.
+                      config: SandwichLoss) -> tuple[float, list[float]]:
+    """Accumulate one sandwich step's gradients and clip them; returns the widest's loss and each member's.
 
     The widest learns from the clean image; every member from the clean image and, in-place distillation,
     from the widest's detached output.
     """
     teacher = net(noisy, net.widest())
-    loss_widest = reconstruction_loss(loss, teacher, clean, eps=eps)
+    loss_widest = reconstruction_loss(config.loss, teacher, clean, eps=config.log_mse_eps)
     loss_widest.backward()
     teacher = teacher.detach()
     member_losses = []
     for widths in members:
-        member_loss = reconstruction_loss(loss, net(noisy, widths), clean, teacher, distill_weight, eps)
+        member_loss = reconstruction_loss(config.loss, net(noisy, widths), clean, teacher, config.distill_weight,
+                                          config.log_mse_eps)
         member_loss.backward()
         member_losses.append(member_loss.item())
+    torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
     return loss_widest.item(), member_losses
 
 
@@ -196,10 +197,7 @@ def train_supernet(config: SupernetStage, resume: bool = False, command: str = "
 
         optimizer.zero_grad(set_to_none=True)
         members = [slimmest] + [net.random_widths(width_rng) for _ in range(config.random_widths)]
-        loss_widest, member_losses = sandwich_backward(
-            net, noisy, clean, members, config.loss, config.distill_weight, config.log_mse_eps
-        )
-        torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
+        loss_widest, member_losses = sandwich_backward(net, noisy, clean, members, config)
         optimizer.step()
         with torch.no_grad():
             for ema_param, param in zip(ema.parameters(), net.parameters()):

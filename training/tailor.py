@@ -110,10 +110,7 @@ def finetune(net: SlimUNet, configs: list[WidthConfig], config: TailorStage, log
         clean = sampler.sample(config.finetune_batch, config.finetune_crop)
         noisy, _ = blind_noisy(clean, data.sigma_min, data.sigma_max, data.quantize, generator)
         optimizer.zero_grad(set_to_none=True)
-        loss_widest, member_losses = sandwich_backward(
-            net, noisy, clean, members, config.loss, config.distill_weight, config.log_mse_eps
-        )
-        torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
+        loss_widest, member_losses = sandwich_backward(net, noisy, clean, members, config)
         optimizer.step()
         if (step + 1) % config.log_every == 0 or step + 1 == config.finetune_steps:
             log.write(finetune_step=step + 1, lr=lr, loss_widest=round(loss_widest, 6),
