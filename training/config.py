@@ -77,7 +77,7 @@ class TailorStage(SandwichLoss):
     search_crop: int = 128
     search_sigmas: list[float] = field(default_factory=lambda: [15.0, 25.0, 50.0])
     # FLOPs fractions of the widest at which a sub-network is recorded (the widest itself is always first).
-    targets: list[float] = field(default_factory=lambda: [0.7, 0.45, 0.25])
+    targets: list[float] = field(default_factory=lambda: [0.7, 0.57, 0.45, 0.25])
     # "psnr": keep the cut that loses the least PSNR (AutoSlim); "psnr_per_flop": least loss per FLOP saved.
     criterion: str = "psnr"
     # The short fine-tune of the supernet restricted to the K tailored configurations (0 = none): every
