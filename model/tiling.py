@@ -4,11 +4,12 @@ An image is padded once (reflect, bottom/right) to the U-Net's multiple. Tiles a
 image on a grid aligned to the multiple, each with ``margin`` pixels of context on every side where the
 image has them. When ``margin`` covers the network's receptive radius, every kept pixel of a tile saw
 exactly what it sees in whole-image inference, so tiled and whole-image outputs agree up to float
-rounding. All tiles of a large image share one window shape, so tiles of many images can be batched.
+rounding. All tiles of an image share one window shape (at most ``tile + 2 * margin``), so they batch.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -44,11 +45,23 @@ def default_margin(net: SlimUNet) -> int:
     return radius + (-radius % multiple)
 
 
-def _axis_windows(length: int, tile: int, margin: int) -> list[tuple[int, int, int, int]]:
-    window = min(length, tile + 2 * margin)
+def _axis_windows(length: int, tile: int, margin: int, multiple: int) -> list[tuple[int, int, int, int]]:
+    """``(start, end, core_start, core_end)`` per window along one axis; every window has the same size.
+
+    An axis that fits in one window of ``tile + 2 * margin`` is run whole: its ends need no context, so
+    cutting it would only run pixels twice. A longer one is cut into the fewest cores of at most ``tile``,
+    spread evenly, and the windows are as small as those cores and their margins allow (a 768-pixel axis
+    runs 2 x 488 pixels at tile 512, margin 104, not 2 x 720).
+    """
+    if length <= tile + 2 * margin:
+        return [(0, length, 0, length)]
+    count = math.ceil((length - 2 * margin) / tile)
+    units = (length - 2 * margin) // multiple
+    bounds = [0, *(margin + multiple * round(units * i / count) for i in range(1, count)), length]
+    cores = [end - start for start, end in zip(bounds, bounds[1:])]
+    window = max(cores[0] + margin, cores[-1] + margin, *(core + 2 * margin for core in cores[1:-1]))
     spans = []
-    for core_start in range(0, length, tile):
-        core_end = min(core_start + tile, length)
+    for core_start, core_end in zip(bounds, bounds[1:]):
         start = min(max(core_start - margin, 0), length - window)
         spans.append((start, start + window, core_start, core_end))
     return spans
@@ -65,8 +78,8 @@ def plan_tiles(height: int, width: int, tile: int, margin: int, multiple: int) -
         raise ValueError(f"sizes, tile and margin must be multiples of {multiple}")
     return [
         Tile(y0, y1, x0, x1, cy0, cy1, cx0, cx1)
-        for (y0, y1, cy0, cy1) in _axis_windows(height, tile, margin)
-        for (x0, x1, cx0, cx1) in _axis_windows(width, tile, margin)
+        for (y0, y1, cy0, cy1) in _axis_windows(height, tile, margin, multiple)
+        for (x0, x1, cx0, cx1) in _axis_windows(width, tile, margin, multiple)
     ]
 
 

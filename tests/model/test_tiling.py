@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -28,8 +30,23 @@ def test_tiles_cover_the_image_once_and_windows_are_bounded():
     covered = torch.zeros(height, width, dtype=torch.int32)
     for t in tiles:
         covered[t.cy0 : t.cy1, t.cx0 : t.cx1] += 1
-        assert t.shape == (tile + 2 * margin, tile + 2 * margin)
+        assert t.shape == tiles[0].shape and max(t.shape) <= tile + 2 * margin
         assert t.y0 <= t.cy0 - min(margin, t.cy0) and t.y1 >= min(t.cy1 + margin, height)
+    assert bool((covered == 1).all())
+
+
+@pytest.mark.parametrize("length", [8, 512, 600, 720, 728, 1024, 1232, 1440, 4000])
+def test_an_axis_runs_the_fewest_windows_that_keep_every_margin(length):
+    tile, margin = 512, 104
+    tiles = plan_tiles(length, 8, tile, margin, 8)
+    fits = length <= tile + 2 * margin
+    assert len(tiles) == (1 if fits else math.ceil((length - 2 * margin) / tile))
+    covered = torch.zeros(length, dtype=torch.int32)
+    for t in tiles:
+        covered[t.cy0 : t.cy1] += 1
+        assert t.shape == tiles[0].shape and t.shape[0] <= tile + 2 * margin and t.shape[1] == 8
+        assert t.cy1 - t.cy0 <= (length if fits else tile + margin)
+        assert t.y0 <= t.cy0 - min(margin, t.cy0) and t.y1 >= min(t.cy1 + margin, length)
     assert bool((covered == 1).all())
 
 
