@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/gate_signal.py [--checkpoint PATH] [--images DIR] [--views 4]
 
 Each photo of ``--images`` (default: the training photos) is area-downscaled to a random 40-65% of its
-size, so a 1024-pixel wallpaper becomes a ~500-pixel photo like the skimage test images, and gets AWGN
+size, so a 1024-pixel wallpaper becomes a 410-670-pixel photo like the skimage test images, and gets AWGN
 at a random sigma in [0, 55], quantised to 8 bits. Every sub-network denoises the whole view. Reported:
 
 - each sub-network's PSNR drop below the widest, overall and per sigma band;
