@@ -37,6 +37,7 @@ from model.metrics import add_noise, psnr  # noqa: E402
 from model.tiling import denoise_whole  # noqa: E402
 from training.data import PatchSampler, list_images, load_rgb  # noqa: E402
 from training.evaluate import machine  # noqa: E402
+from training.gate import smallest_within  # noqa: E402
 
 SIGMA_BANDS = [(0, 10), (10, 20), (20, 30), (30, 40), (40, 55)]
 DELTAS = [0.02, 0.05, 0.08, 0.1, 0.15, 0.2]
@@ -118,11 +119,13 @@ def main() -> int:
         predictability.append({"correlation": round(float(corr), 3),
                                "residual_std_db": round(float((predicted[:, k] - drops[:, k]).std()), 4),
                                "std_db": round(float(drops[:, k].std()), 4)})
-    cost = np.broadcast_to(mflops, drops.shape)
-    routing = {f"{delta:g}": {
-        "oracle": point(drops, np.where(drops <= delta, cost, np.inf).argmin(axis=1), relative),
-        "predicted": point(drops, np.where(predicted <= delta, cost, np.inf).argmin(axis=1), relative),
-    } for delta in DELTAS}
+    def label_rule(losses: np.ndarray, delta: float) -> np.ndarray:
+        """Stage 3's label rule on PSNR losses below the widest (the widest's own loss is 0)."""
+        return smallest_within(torch.from_numpy(-losses), torch.from_numpy(mflops), delta).numpy()
+
+    routing = {f"{delta:g}": {"oracle": point(drops, label_rule(drops, delta), relative),
+                              "predicted": point(drops, label_rule(predicted, delta), relative)}
+               for delta in DELTAS}
 
     result = {
         "command": shlex.join(["python", *sys.argv]),
