@@ -62,6 +62,20 @@ def gate_table(report: dict) -> str:
               f"`fast` {row['fast_psnr']:.2f} at {row['fast_mflops_per_pixel']:.3f}; shipped by "
               f"`{report.get('shipped_rule', 'delta_db')}`; confusion matrix of the shipped gate (rows: label, "
               f"columns: pick): {row['confusion_matrix_label_by_pick']}"]
+    if len(row.get("by_scale", {})) > 1:
+        lines += ["", "Shipped gate per validation view: " + "; ".join(
+            f"scale {scale}: auto {v['auto_psnr']:.2f}, best {v['best_psnr']:.2f}, fast {v['fast_psnr']:.2f} dB, "
+            f"auto {v['auto_mflops_per_pixel']:.3f} MFLOPs/px" for scale, v in row["by_scale"].items())]
+    return "\n".join(lines)
+
+
+def val_gap_table(report: dict) -> str:
+    """Ours vs FFDNet on the validation photos, per view scale and sigma."""
+    lines = ["| view | σ | best | auto | fast | FFDNet | best − FFDNet |", "|---|---|---|---|---|---|---|"]
+    for scale, view in report["scales"].items():
+        for sigma, row in view["results"].items():
+            lines.append(f"| scale {scale} | {sigma} | {row['best']:.2f} | {row['auto']:.2f} | {row['fast']:.2f} | "
+                         f"{row['FFDNet']:.2f} | {row['best - FFDNet']:+.2f} |")
     return "\n".join(lines)
 
 
@@ -78,7 +92,8 @@ def serve_table(report: dict) -> str:
 
 
 def main() -> int:
-    for name, render in (("quality.json", quality_table), ("serve.json", serve_table)):
+    for name, render in (("quality.json", quality_table), ("serve.json", serve_table),
+                         ("val_gap.json", val_gap_table)):
         path = RESULTS / name
         if path.is_file():
             report = json.loads(path.read_text())

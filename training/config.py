@@ -25,6 +25,8 @@ class DataConfig:
     val_sigmas: list[float] = field(default_factory=lambda: [15.0, 25.0, 50.0])
     val_crop: int = 256
     val_seed: int = 1234
+    # Validation views per photo: 1.0 the photo itself, 0.5 downscaled to half its sides (photo-like texture).
+    val_scales: list[float] = field(default_factory=lambda: [1.0])
     # Training crops: random scale in this range, and the most textured of this many candidates.
     scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])
     texture_candidates: int = 1

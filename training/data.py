@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -107,16 +108,34 @@ def center_crop(image: torch.Tensor, crop: int) -> torch.Tensor:
     return image[..., y : y + side_h, x : x + side_w]
 
 
+def downscale(image: torch.Tensor, scale: float) -> torch.Tensor:
+    """Area-like (antialiased bilinear) downscale of ``(1, 3, H, W)`` in [0, 1], re-quantised to 8 bits."""
+    if scale == 1.0:
+        return image
+    size = [max(1, round(side * scale)) for side in image.shape[-2:]]
+    resized = torch.nn.functional.interpolate(image * 255, size=size, mode="bilinear", antialias=True)
+    return resized.round().clamp(0, 255) / 255
+
+
 def fixed_noisy_set(
-    folder: str | Path, sigmas: list[float], seed: int, crop: int | None = None
+    folder: str | Path, sigmas: list[float], seed: int, crop: int | None = None, scales: Sequence[float] = (1.0,)
 ) -> list[tuple[str, float, torch.Tensor, torch.Tensor]]:
-    """Validation pairs ``(name, sigma, clean, noisy)``, each ``(1, 3, H, W)``, with reproducible noise."""
+    """Validation pairs ``(name, sigma, clean, noisy)``, each ``(1, 3, H, W)``, with reproducible noise.
+
+    Each image is used at every one of ``scales`` (``0.5``: downscaled to half its sides, so a 1024-pixel
+    wallpaper has the texture density of a 512-pixel photo); names other than scale 1's get ``@scale``.
+    """
+    if any(not 0 < scale <= 1 for scale in scales):
+        raise ValueError(f"validation scales must lie in (0, 1], got {list(scales)}")
     pairs = []
     for index, path in enumerate(list_images(folder)):
-        clean = load_rgb(path).float()[None] / 255
-        if crop:
-            clean = center_crop(clean, crop)
-        for sigma in sigmas:
-            generator = torch.Generator().manual_seed(seed + 1000 * index + int(sigma * 10))
-            pairs.append((path.name, float(sigma), clean, add_noise(clean, sigma, generator, quantize=True)))
+        full = load_rgb(path).float()[None] / 255
+        for scale in scales:
+            clean = downscale(full, float(scale))
+            if crop:
+                clean = center_crop(clean, crop)
+            name = path.name if scale == 1 else f"{path.name}@{scale:g}"
+            for sigma in sigmas:
+                generator = torch.Generator().manual_seed(seed + 1000 * index + int(sigma * 10))
+                pairs.append((name, float(sigma), clean, add_noise(clean, sigma, generator, quantize=True)))
     return pairs

@@ -59,8 +59,10 @@ def _validation_table(net, subnets, pairs) -> tuple[torch.Tensor, list[torch.Ten
     return torch.stack(rows), [noisy for _, _, _, noisy in pairs]
 
 
-def _report(gate: Gate, table: torch.Tensor, noisies: list, mflops: torch.Tensor, delta: float, sigmas) -> dict:
-    """Accuracy, confusion matrix, and auto/best/fast PSNR and FLOPs on the validation pairs."""
+def _report(gate: Gate, table: torch.Tensor, noisies: list, mflops: torch.Tensor, delta: float, sigmas,
+            scales) -> dict:
+    """Accuracy, confusion matrix, and auto/best/fast PSNR and FLOPs on the validation pairs, overall, per
+    sigma and per view scale."""
     gate.eval()
     with torch.inference_mode():
         picks = torch.tensor([int(gate(noisy).argmax()) for noisy in noisies])
@@ -73,15 +75,20 @@ def _report(gate: Gate, table: torch.Tensor, noisies: list, mflops: torch.Tensor
     gate_mflops = [2 * gate_macs(gate.config, *n.shape[-2:]) / n.shape[-1] / n.shape[-2] / 1e6 for n in noisies]
     best, fast = int(mflops.argmax()), int(mflops.argmin())
     auto_psnr = table[rows, picks]
-    by_sigma = {}
-    for sigma in sorted(set(sigmas)):
-        mask = torch.tensor([s == sigma for s in sigmas])
-        by_sigma[f"{sigma:g}"] = {
-            "auto_psnr": round(auto_psnr[mask].mean().item(), 4),
-            "best_psnr": round(table[mask, best].mean().item(), 4),
-            "fast_psnr": round(table[mask, fast].mean().item(), 4),
-            "auto_mflops_per_pixel": round(mflops[picks[mask]].mean().item() + sum(gate_mflops) / len(gate_mflops), 6),
-        }
+
+    def breakdown(keys: list) -> dict:
+        groups = {}
+        for key in sorted(set(keys)):
+            mask = torch.tensor([x == key for x in keys])
+            groups[f"{key:g}"] = {
+                "auto_psnr": round(auto_psnr[mask].mean().item(), 4),
+                "best_psnr": round(table[mask, best].mean().item(), 4),
+                "fast_psnr": round(table[mask, fast].mean().item(), 4),
+                "auto_mflops_per_pixel": round(mflops[picks[mask]].mean().item()
+                                               + sum(gate_mflops) / len(gate_mflops), 6),
+            }
+        return groups
+
     return {
         "delta_db": delta,
         "accuracy": round((picks == labels).float().mean().item(), 4),
@@ -94,7 +101,8 @@ def _report(gate: Gate, table: torch.Tensor, noisies: list, mflops: torch.Tensor
         "best_mflops_per_pixel": round(mflops[best].item(), 6),
         "fast_psnr": round(table[:, fast].mean().item(), 4),
         "fast_mflops_per_pixel": round(mflops[fast].item(), 6),
-        "by_sigma": by_sigma,
+        "by_sigma": breakdown(list(sigmas)),
+        "by_scale": breakdown(list(scales)),
     }
 
 
@@ -160,10 +168,14 @@ def train_gate(config: GateStage, command: str = "") -> Path:
         if step % config.log_every == 0 or step == config.steps:
             log.write(**record, seconds=round(time.time() - started, 1))
 
-    pairs = fixed_noisy_set(config.data.val_dir, config.data.val_sigmas, config.data.val_seed)
+    pairs = fixed_noisy_set(config.data.val_dir, config.data.val_sigmas, config.data.val_seed,
+                            scales=config.data.val_scales)
     table, noisies = _validation_table(net, subnets, pairs)
     sigmas = [sigma for _, sigma, _, _ in pairs]
-    sweep = [_report(gate, table, noisies, mflops, delta, sigmas) for delta, gate in gates.items()]
+    # fixed_noisy_set's order: per photo, per scale, per sigma.
+    scales = [scale for _ in range(len(pairs) // len(config.data.val_scales) // len(config.data.val_sigmas))
+              for scale in config.data.val_scales for _ in config.data.val_sigmas]
+    sweep = [_report(gate, table, noisies, mflops, delta, sigmas, scales) for delta, gate in gates.items()]
     shipped = choose_shipped(sweep, config.delta_db, config.auto_max_drop_db)
     rule = f"delta_db={config.delta_db}"
     if config.delta_db == "auto":

@@ -169,7 +169,8 @@ def train_supernet(config: SupernetStage, resume: bool = False, command: str = "
                            texture_candidates=config.data.texture_candidates)
     generator = torch.Generator().manual_seed(config.seed)
     width_rng = random.Random(config.seed + 1)
-    val_pairs = fixed_noisy_set(config.data.val_dir, config.data.val_sigmas, config.data.val_seed, config.data.val_crop)
+    val_pairs = fixed_noisy_set(config.data.val_dir, config.data.val_sigmas, config.data.val_seed, config.data.val_crop,
+                                scales=config.data.val_scales)
     log = JsonLog(out_dir / "log.jsonl")
 
     if config.init_from and not resume:

@@ -160,7 +160,8 @@ def tailor(config: TailorStage, command: str = "") -> Path:
     )
     progress.close()
 
-    val_pairs = fixed_noisy_set(config.data.val_dir, config.data.val_sigmas, config.data.val_seed)
+    val_pairs = fixed_noisy_set(config.data.val_dir, config.data.val_sigmas, config.data.val_seed,
+                                scales=config.data.val_scales)
     if config.finetune_steps > 0:
         before = [s.to_dict() for s in _table(net, configs, val_pairs, "tailor (validation, before fine-tune)")]
         (out_dir / "table_before_finetune.json").write_text(json.dumps(before, indent=2))

@@ -14,7 +14,7 @@ from model import load_checkpoint
 from model.supernet import WidthGroup
 from service.cli import main
 from training.config import GateStage, SupernetStage, TailorStage, apply_overrides, load_config
-from training.data import PatchSampler
+from training.data import PatchSampler, fixed_noisy_set
 from training.gate import choose_shipped, smallest_within, train_gate
 from training.supernet import reconstruction_loss, train_supernet
 from training.tailor import greedy_tailor, tailor
@@ -65,7 +65,8 @@ def test_three_stages_end_to_end_give_a_checkpoint_the_cli_serves(photo_dirs, tm
 
     gate_config = load_config(GateStage, None, [f"tailored={tailored}", f"out={tmp_path / 'final.safetensors'}",
                                                 "steps=2", "batch_size=2", "crop=16", "log_every=1"])
-    gate_config.data = load_config(SupernetStage, None, [f"data={json.dumps(tiny_data(photo_dirs))}"]).data
+    gate_data = {**tiny_data(photo_dirs), "val_scales": [1.0, 0.5]}
+    gate_config.data = load_config(SupernetStage, None, [f"data={json.dumps(gate_data)}"]).data
     final = train_gate(gate_config)
     checkpoint = load_checkpoint(final)
     assert checkpoint.gate_trained and len(checkpoint.subnets) == 4
@@ -73,6 +74,8 @@ def test_three_stages_end_to_end_give_a_checkpoint_the_cli_serves(photo_dirs, tm
     report = json.loads((tmp_path / "gate_report.json").read_text())
     assert {"accuracy", "confusion_matrix_label_by_pick", "auto_psnr", "best_psnr"} <= set(report["shipped"])
     assert len(report["delta_sweep"]) >= 2
+    assert set(report["shipped"]["by_scale"]) == {"1", "0.5"}
+    assert set(report["shipped"]["by_sigma"]) == {"15", "25", "50"}
 
     assert main(["info", "--checkpoint", str(final), "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["subnets"]) == 4
@@ -290,3 +293,20 @@ def test_scale_range_area_downsamples_larger_regions(half_textured_dir):
     for bad in ({"scale_range": (0.0, 1.0)}, {"scale_range": (0.8, 0.5)}, {"texture_candidates": 0}):
         with pytest.raises(ValueError):
             PatchSampler(half_textured_dir, **bad)
+
+
+def test_validation_views_at_several_scales_keep_scale_one_unchanged(half_textured_dir):
+    plain = fixed_noisy_set(half_textured_dir, [25], seed=7)
+    views = fixed_noisy_set(half_textured_dir, [15, 25], seed=7, scales=[1.0, 0.5])
+    assert [(name, sigma, tuple(clean.shape[-2:])) for name, sigma, clean, _ in views] == [
+        ("half.png", 15.0, (64, 256)), ("half.png", 25.0, (64, 256)),
+        ("half.png@0.5", 15.0, (32, 128)), ("half.png@0.5", 25.0, (32, 128))]
+    # Scale 1 is the photo itself, with the same noise as before scales existed.
+    assert torch.equal(views[1][2], plain[0][2]) and torch.equal(views[1][3], plain[0][3])
+    # Downscaled by area, the one-pixel checkerboard averages to grey; the flat half stays flat.
+    half_clean = views[2][2]
+    assert PatchSampler.texture(half_clean[0, :, :, 68:]) < 0.05
+    assert torch.allclose(half_clean[0, :, :, 68:].mean(), torch.tensor(0.5), atol=0.01)
+    assert torch.allclose(half_clean[0, :, :, :60], torch.tensor(128 / 255))
+    with pytest.raises(ValueError, match="scales"):
+        fixed_noisy_set(half_textured_dir, [25], seed=7, scales=[0.0])

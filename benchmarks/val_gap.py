@@ -1,0 +1,68 @@
+"""Where do we trail FFDNet? Every sub-network vs FFDNet on the validation photos, full size and downscaled.
+
+    .venv/bin/python benchmarks/val_gap.py [--checkpoint PATH] [--images DIR] [--scales 1.0 0.5]
+
+The quality targets are checked on the skimage test photos, which must never steer training. This runs on
+the validation photos instead (default ``../shared/data/photos/val``), at each ``--scale``: 1.0 is the
+1024-pixel wallpaper itself, 0.5 an area-downscaled view whose texture is as dense as a 512-pixel photo's.
+AWGN at sigma 15, 25, 50, quantised to 8 bits, with fixed seeds. FFDNet gets the true sigma.
+
+Writes ``benchmarks/results/val_gap.json``: per scale and sigma, PSNR of ``best``, ``auto``, ``fast``, every
+sub-network and FFDNet, and ``best`` minus FFDNet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quality import measure_ffdnet  # noqa: E402
+
+from model import Denoiser, load_checkpoint  # noqa: E402
+from training.data import fixed_noisy_set  # noqa: E402
+from training.evaluate import machine, measure_denoiser  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="checkpoints/ddsnet-color.safetensors")
+    parser.add_argument("--images", default="../shared/data/photos/val")
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.5])
+    parser.add_argument("--sigma", type=float, nargs="+", default=[15.0, 25.0, 50.0])
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--out", default="benchmarks/results/val_gap.json")
+    args = parser.parse_args()
+    if any(not 0 < scale <= 1 for scale in args.scales):
+        parser.error("--scales must lie in (0, 1]")
+
+    denoiser = Denoiser(load_checkpoint(args.checkpoint))
+    report = {"command": shlex.join(["python", *sys.argv]), "checkpoint": args.checkpoint, "images": args.images,
+              "sigmas": args.sigma, "seed": args.seed, "machine": machine(), "scales": {}}
+    for scale in args.scales:
+        pairs = fixed_noisy_set(args.images, args.sigma, args.seed, scales=[scale])
+        ours = measure_denoiser(denoiser, pairs)
+        ffdnet = measure_ffdnet(pairs)
+        rows = {}
+        for sigma, methods in ours.items():
+            row = {method: result["psnr"] for method, result in methods.items()}
+            row["FFDNet"] = ffdnet[sigma]["psnr"]
+            row["best - FFDNet"] = round(row["best"] - row["FFDNet"], 4)
+            rows[sigma] = row
+            print(f"scale {scale:g} sigma {sigma}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()), flush=True)
+        report["scales"][f"{scale:g}"] = {"sizes": sorted({tuple(c.shape[-2:]) for _, _, c, _ in pairs}),
+                                          "results": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
