@@ -79,6 +79,7 @@ def test_every_dashboard_expression_returns_data(tiny_checkpoint, tmp_path):
                                    f"--web.listen-address=127.0.0.1:{prom_port}"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     stop = threading.Event()
+    sender = None
     try:
         try:
             wait_for(f"http://127.0.0.1:{app_port}/readyz")
@@ -111,6 +112,8 @@ def test_every_dashboard_expression_returns_data(tiny_checkpoint, tmp_path):
         assert not pending, f"expressions with no data: {pending}"
     finally:
         stop.set()
+        if sender is not None:  # let its last request finish before the app goes away
+            sender.join(timeout=60)
         for process in (prometheus, app):
             process.terminate()
             process.wait(timeout=30)
