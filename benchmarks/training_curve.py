@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/training_curve.py [--log LOG [LOG ...]] [--out PNG]
 
 Several logs are runs that followed one another (a later run started from the earlier one's weights with
-``init_from``): their steps are laid end to end, and a dotted line marks where each run began.
+``init_from``, possibly after stage-2 fine-tunes in between): their steps are laid end to end, and a dotted
+line marks where each run began.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sessions = ("supernet", "supernet-2", "supernet-3", "supernet-4", "supernet-5")
+    sessions = ("supernet", "supernet-2", "supernet-3", "supernet-4", "supernet-5", "supernet-7")
     parser.add_argument("--log", nargs="+", default=[f"checkpoints/logs/{name}.jsonl" for name in sessions])
     parser.add_argument("--out", default="benchmarks/results/supernet_curve.png")
     args = parser.parse_args()
