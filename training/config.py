@@ -82,6 +82,9 @@ class TailorStage(SandwichLoss):
     targets: list[float] = field(default_factory=lambda: [0.7, 0.57, 0.45, 0.25])
     # "psnr": keep the cut that loses the least PSNR (AutoSlim); "psnr_per_flop": least loss per FLOP saved.
     criterion: str = "psnr"
+    # False: skip the search and keep the K configurations in ``supernet``'s own table (a tailored or gated
+    # checkpoint), so that a fine-tune can continue on the configurations already shipped.
+    search: bool = True
     # The short fine-tune of the supernet restricted to the K tailored configurations (0 = none): every
     # step trains the widest on the clean image and the other K-1 with in-place distillation from it.
     finetune_steps: int = 0

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model.checkpoint import Subnet, load_checkpoint, save_checkpoint
+from model.checkpoint import Checkpoint, Subnet, load_checkpoint, save_checkpoint
 from model.flops import supernet_mflops_per_pixel
 from model.gate import Gate, GateConfig
 from model.metrics import psnr
@@ -93,6 +93,15 @@ def greedy_tailor(
     return recorded
 
 
+def kept_configurations(checkpoint: Checkpoint, source: str) -> list[WidthConfig]:
+    """The K configurations of an already tailored checkpoint's table (``search: false``), widest first."""
+    configs = [tuple(s.channels) for s in checkpoint.subnets]
+    if "tailor" not in checkpoint.provenance or configs[0] != tuple(checkpoint.net.widest()):
+        raise ValueError(f"{source}: search=false needs a tailored checkpoint (stage 2's or stage 3's output), "
+                         "whose table lists the sub-networks to keep; this one has not been through stage 2")
+    return configs
+
+
 def finetune(net: SlimUNet, configs: list[WidthConfig], config: TailorStage, log: JsonLog, started: float) -> None:
     """Train ``net`` in place on ``configs`` only (``configs[0]`` the widest): Adam, cosine LR to zero."""
     net.train().requires_grad_(True)
@@ -147,18 +156,22 @@ def tailor(config: TailorStage, command: str = "") -> Path:
     def score(widths: WidthConfig) -> float:
         return psnr(net(noisy, widths), clean).mean().item()
 
-    progress = tqdm(desc="tailor (cuts)", dynamic_ncols=True)
+    if config.search:
+        progress = tqdm(desc="tailor (cuts)", dynamic_ncols=True)
 
-    def on_cut(record: dict) -> None:
-        progress.update(1)
-        progress.set_postfix(flops=f"{record['fraction']:.2f}", psnr=f"{record['score']:.2f}")
-        log.write(**record, seconds=round(time.time() - started, 1))
+        def on_cut(record: dict) -> None:
+            progress.update(1)
+            progress.set_postfix(flops=f"{record['fraction']:.2f}", psnr=f"{record['score']:.2f}")
+            log.write(**record, seconds=round(time.time() - started, 1))
 
-    configs = greedy_tailor(
-        net.groups, net.widest(), score, lambda w: supernet_mflops_per_pixel(net, w), config.targets,
-        config.criterion, on_cut,
-    )
-    progress.close()
+        configs = greedy_tailor(
+            net.groups, net.widest(), score, lambda w: supernet_mflops_per_pixel(net, w), config.targets,
+            config.criterion, on_cut,
+        )
+        progress.close()
+    else:
+        configs = kept_configurations(checkpoint, config.supernet)
+        log.write(kept_configurations=[list(c) for c in configs], seconds=round(time.time() - started, 1))
 
     val_pairs = fixed_noisy_set(config.data.val_dir, config.data.val_sigmas, config.data.val_seed,
                                 scales=config.data.val_scales)
@@ -173,9 +186,12 @@ def tailor(config: TailorStage, command: str = "") -> Path:
     log.write(table=table, seconds=round(time.time() - started, 1))
 
     provenance = dict(checkpoint.provenance)
+    previous = provenance.get("tailor")
     provenance["tailor"] = {"command": command, "val_dir": config.data.val_dir, "targets": config.targets,
-                            "criterion": config.criterion, "finetune_steps": config.finetune_steps,
-                            "seconds": round(time.time() - started, 1)}
+                            "criterion": config.criterion, "search": config.search,
+                            "finetune_steps": config.finetune_steps, "seconds": round(time.time() - started, 1)}
+    if not config.search and previous:
+        provenance["tailor"]["previous"] = previous  # the run whose configurations were kept
     gate = Gate(GateConfig(num_subnets=len(subnets)))
     path = out_dir / TAILORED_FILE
     save_checkpoint(path, net, gate, subnets, gate_trained=False, provenance=provenance)

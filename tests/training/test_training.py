@@ -107,6 +107,22 @@ def test_tailor_finetune_trains_only_the_found_configurations_and_records_before
     assert steps == [1, 2, 3]
     assert b.provenance["tailor"]["finetune_steps"] == 3
 
+    # search=false continues the fine-tune on the tuned checkpoint's own configurations, without a search.
+    again = tailor(load_config(TailorStage, None, [f"supernet={tuned}", f"out_dir={tmp_path / 'again'}",
+                                                   "search=false", "finetune_steps=2", "finetune_lr=0.01", *common]))
+    records = [json.loads(x) for x in (tmp_path / "again" / "log.jsonl").read_text().splitlines()]
+    assert not any("fraction" in r for r in records)  # no cut was tried
+    assert [row["channels"] for row in json.loads((tmp_path / "again" / "table.json").read_text())] == \
+        [row["channels"] for row in after]
+    c = load_checkpoint(again)
+    assert any(not torch.equal(t, c.net.state_dict()[k]) for k, t in b.net.state_dict().items())
+    assert c.provenance["tailor"]["search"] is False
+    assert c.provenance["tailor"]["previous"]["finetune_steps"] == 3
+    # A stage-1 supernet has no tailored table to keep.
+    with pytest.raises(ValueError, match="search=false needs a tailored checkpoint"):
+        tailor(load_config(TailorStage, None, [f"supernet={supernet}", f"out_dir={tmp_path / 'bad'}",
+                                               "search=false", *common]))
+
 
 def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(photo_dirs, tmp_path):
     straight = tmp_path / "straight"
