@@ -93,6 +93,29 @@ def greedy_tailor(
     return recorded
 
 
+def _search(net: SlimUNet, config: TailorStage, log: JsonLog, started: float) -> list[WidthConfig]:
+    """The greedy search on the fixed validation batch, each cut logged and shown on a progress bar."""
+    clean, noisy = search_batch(config)
+
+    @torch.inference_mode()
+    def score(widths: WidthConfig) -> float:
+        return psnr(net(noisy, widths), clean).mean().item()
+
+    progress = tqdm(desc="tailor (cuts)", dynamic_ncols=True)
+
+    def on_cut(record: dict) -> None:
+        progress.update(1)
+        progress.set_postfix(flops=f"{record['fraction']:.2f}", psnr=f"{record['score']:.2f}")
+        log.write(**record, seconds=round(time.time() - started, 1))
+
+    configs = greedy_tailor(
+        net.groups, net.widest(), score, lambda w: supernet_mflops_per_pixel(net, w), config.targets,
+        config.criterion, on_cut,
+    )
+    progress.close()
+    return configs
+
+
 def kept_configurations(checkpoint: Checkpoint, source: str) -> list[WidthConfig]:
     """The K configurations of an already tailored checkpoint's table (``search: false``), widest first."""
     configs = [tuple(s.channels) for s in checkpoint.subnets]
@@ -143,34 +166,18 @@ def tailor(config: TailorStage, command: str = "") -> Path:
     so what the fine-tune bought is on record.
     """
     check_loss(config.loss)
+    checkpoint = load_checkpoint(config.supernet)
+    net: SlimUNet = checkpoint.net
+    kept = None if config.search else kept_configurations(checkpoint, config.supernet)  # checked before writing
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, out_dir / "config.yaml")
-    checkpoint = load_checkpoint(config.supernet)
-    net: SlimUNet = checkpoint.net
-    clean, noisy = search_batch(config)
     log = JsonLog(out_dir / "log.jsonl")
     started = time.time()
-
-    @torch.inference_mode()
-    def score(widths: WidthConfig) -> float:
-        return psnr(net(noisy, widths), clean).mean().item()
-
-    if config.search:
-        progress = tqdm(desc="tailor (cuts)", dynamic_ncols=True)
-
-        def on_cut(record: dict) -> None:
-            progress.update(1)
-            progress.set_postfix(flops=f"{record['fraction']:.2f}", psnr=f"{record['score']:.2f}")
-            log.write(**record, seconds=round(time.time() - started, 1))
-
-        configs = greedy_tailor(
-            net.groups, net.widest(), score, lambda w: supernet_mflops_per_pixel(net, w), config.targets,
-            config.criterion, on_cut,
-        )
-        progress.close()
+    if kept is None:
+        configs = _search(net, config, log, started)
     else:
-        configs = kept_configurations(checkpoint, config.supernet)
+        configs = kept
         log.write(kept_configurations=[list(c) for c in configs], seconds=round(time.time() - started, 1))
 
     val_pairs = fixed_noisy_set(config.data.val_dir, config.data.val_sigmas, config.data.val_seed,

@@ -122,6 +122,7 @@ def test_tailor_finetune_trains_only_the_found_configurations_and_records_before
     with pytest.raises(ValueError, match="search=false needs a tailored checkpoint"):
         tailor(load_config(TailorStage, None, [f"supernet={supernet}", f"out_dir={tmp_path / 'bad'}",
                                                "search=false", *common]))
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
 
 
 def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(photo_dirs, tmp_path):
