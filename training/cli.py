@@ -19,7 +19,8 @@ def add_train_parsers(subparsers: argparse._SubParsersAction) -> None:
         ("gate", "stage 3: train the gate on online labels and write the final checkpoint"),
     ):
         parser = stages.add_parser(stage, help=help_text)
-        parser.add_argument("--config", default=str(CONFIG_DIR / f"{stage}.yaml"), help="YAML config file")
+        parser.add_argument("--config", help=f"YAML config file (default: training/configs/{stage}.yaml"
+                            + ("; with --resume, the run's own out_dir/config.yaml)" if stage == "supernet" else ")"))
         parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
         if stage == "supernet":
             parser.add_argument("--resume", action="store_true", help="continue from out_dir/state.safetensors")
@@ -40,18 +41,24 @@ def run_train(args: argparse.Namespace) -> int:
     from training.config import GateStage, SupernetStage, TailorStage, load_config
 
     command = shlex.join(["ddsnet", *sys.argv[1:]])
+    config_path = args.config or str(CONFIG_DIR / f"{args.stage}.yaml")
     if args.stage == "supernet":
-        from training.supernet import train_supernet
+        from training.supernet import resume_config, train_supernet
 
-        path = train_supernet(load_config(SupernetStage, args.config, args.set), resume=args.resume, command=command)
+        if args.resume and args.config is None:
+            config, source = resume_config(config_path, args.set)
+            print(f"resuming with {source}" + (" and the --set overrides" if args.set else ""), file=sys.stderr)
+        else:
+            config = load_config(SupernetStage, config_path, args.set)
+        path = train_supernet(config, resume=args.resume, command=command)
     elif args.stage == "tailor":
         from training.tailor import tailor
 
-        path = tailor(load_config(TailorStage, args.config, args.set), command=command)
+        path = tailor(load_config(TailorStage, config_path, args.set), command=command)
     else:
         from training.gate import train_gate
 
-        path = train_gate(load_config(GateStage, args.config, args.set), command=command)
+        path = train_gate(load_config(GateStage, config_path, args.set), command=command)
     print(f"wrote {path}")
     return 0
 

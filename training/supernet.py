@@ -23,11 +23,12 @@ from model.flops import supernet_mflops_per_pixel
 from model.gate import Gate, GateConfig
 from model.supernet import SlimUNet, SupernetConfig, WidthConfig
 from training.common import JsonLog, cosine_lr, psnr_by_sigma
-from training.config import SandwichLoss, SupernetStage, save_config
+from training.config import SandwichLoss, SupernetStage, load_config, save_config
 from training.data import PatchSampler, blind_noisy, fixed_noisy_set
 
 STATE_FILE = "state.safetensors"
 EXPORT_FILE = "supernet.safetensors"
+CONFIG_FILE = "config.yaml"
 
 
 def crop_for_step(schedule: list[list[float]], step: int, total: int) -> tuple[int, int]:
@@ -153,12 +154,26 @@ def export_supernet(path: Path, ema: SlimUNet, provenance: dict) -> None:
     save_checkpoint(path, ema, gate, subnets, gate_trained=False, provenance=provenance)
 
 
+def resume_config(base: str | Path, overrides: list[str]) -> tuple[SupernetStage, Path]:
+    """The config of a resumed run: the ``config.yaml`` its first start saved in ``out_dir`` (found through
+    ``base`` and the overrides), with the overrides applied again on top.
+
+    Resuming from the committed config instead would silently restart the cosine schedule, the crop
+    schedule and the data settings under that file's values. Returns the config and the file it came
+    from (``base`` itself where ``out_dir`` holds no saved config).
+    """
+    out_dir = Path(load_config(SupernetStage, base, overrides).out_dir)
+    saved = out_dir / CONFIG_FILE
+    source = saved if saved.is_file() else Path(base)
+    return load_config(SupernetStage, source, overrides), source
+
+
 def train_supernet(config: SupernetStage, resume: bool = False, command: str = "") -> Path:
     """Run (or continue) stage 1; returns the exported checkpoint path."""
     check_loss(config.loss)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, out_dir / "config.yaml")
+    save_config(config, out_dir / CONFIG_FILE)
     torch.manual_seed(config.seed)
     net = SlimUNet(SupernetConfig.from_dict(config.model))
     ema = SlimUNet(net.config)

@@ -153,6 +153,25 @@ def test_init_from_a_checkpoint_starts_from_its_weights(photo_dirs, tmp_path):
         train_supernet(supernet_config(photo_dirs, tmp_path / "third", init_from=str(source), model=other))
 
 
+def test_cli_resume_keeps_the_runs_own_config(photo_dirs, tmp_path):
+    from training.cli import main as train_main
+
+    run = tmp_path / "run"
+    raw = {"out_dir": str(run), "model": TINY_MODEL, "data": tiny_data(photo_dirs), "steps": 4, "lr": 0.002,
+           "crop_schedule": [[0, 16, 2], [0.5, 24, 2]], "warmup_steps": 1, "log_every": 1, "val_every": 2,
+           "save_every": 100, "stop_at": 2}
+    sets = [arg for key, value in raw.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
+    assert train_main(["train", "supernet", *sets]) == 0
+    # Only out_dir: the committed config (3,000 steps of a bigger model) must not replace the run's own.
+    assert train_main(["train", "supernet", "--resume", "--set", f"out_dir={run}", "--set", "steps=5"]) == 0
+    records = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if "loss_widest" in x]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert [r["crop"] for r in records] == [16, 16, 16, 24, 24]  # the run's crop schedule, stretched to 5 steps
+    assert max(r["lr"] for r in records) <= 0.002
+    saved = load_config(SupernetStage, run / "config.yaml")
+    assert saved.steps == 5 and saved.model == TINY_MODEL and saved.lr == 0.002
+
+
 def test_resume_without_a_state_is_a_clear_error(photo_dirs, tmp_path):
     with pytest.raises(FileNotFoundError, match="resume"):
         train_supernet(supernet_config(photo_dirs, tmp_path / "fresh"), resume=True)
