@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sessions = ("supernet", "supernet-2", "supernet-3", "supernet-4", "supernet-5", "supernet-7")
+    sessions = ("supernet", "supernet-2", "supernet-3", "supernet-4", "supernet-5", "supernet-7", "supernet-8")
     parser.add_argument("--log", nargs="+", default=[f"checkpoints/logs/{name}.jsonl" for name in sessions])
     parser.add_argument("--out", default="benchmarks/results/supernet_curve.png")
     args = parser.parse_args()
