@@ -19,8 +19,10 @@ def add_train_parsers(subparsers: argparse._SubParsersAction) -> None:
         ("gate", "stage 3: train the gate on online labels and write the final checkpoint"),
     ):
         parser = stages.add_parser(stage, help=help_text)
-        parser.add_argument("--config", help=f"YAML config file (default: training/configs/{stage}.yaml"
-                            + ("; with --resume, the run's own out_dir/config.yaml)" if stage == "supernet" else ")"))
+        default = f"training/configs/{stage}.yaml"
+        if stage == "supernet":
+            default += "; with --resume, the run's own out_dir/config.yaml"
+        parser.add_argument("--config", help=f"YAML config file (default: {default})")
         parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
         if stage == "supernet":
             parser.add_argument("--resume", action="store_true", help="continue from out_dir/state.safetensors")

@@ -155,7 +155,7 @@ def export_supernet(path: Path, ema: SlimUNet, provenance: dict) -> None:
 
 
 def resume_config(base: str | Path, overrides: list[str]) -> tuple[SupernetStage, Path]:
-    """The config of a resumed run: the ``config.yaml`` its first start saved in ``out_dir`` (found through
+    """The config of a resumed run: the ``config.yaml`` its last start saved in ``out_dir`` (found through
     ``base`` and the overrides), with the overrides applied again on top.
 
     Resuming from the committed config instead would silently restart the cosine schedule, the crop
