@@ -79,7 +79,7 @@ class TailorStage(SandwichLoss):
     search_crop: int = 128
     search_sigmas: list[float] = field(default_factory=lambda: [15.0, 25.0, 50.0])
     # FLOPs fractions of the widest at which a sub-network is recorded (the widest itself is always first).
-    targets: list[float] = field(default_factory=lambda: [0.7, 0.57, 0.45, 0.25])
+    targets: list[float] = field(default_factory=lambda: [0.7, 0.59, 0.45, 0.25])
     # "psnr": keep the cut that loses the least PSNR (AutoSlim); "psnr_per_flop": least loss per FLOP saved.
     criterion: str = "psnr"
     # False: skip the search and keep the K configurations in ``supernet``'s own table (a tailored or gated
@@ -103,9 +103,11 @@ class GateStage:
     out: str = "runs/gate/ddsnet.safetensors"
     data: DataConfig = field(default_factory=DataConfig)
     # A number, or "auto": ship the sweep's gate with the fewest validation FLOPs among those whose
-    # validation PSNR is within ``auto_max_drop_db`` of the widest's.
+    # validation PSNR is within ``auto_max_drop_db`` of the widest's and, when set, whose validation FLOPs
+    # are within ``auto_max_flops_fraction`` of the widest's (see ``training.gate.choose_shipped``).
     delta_db: float | str = 0.1
     auto_max_drop_db: float = 0.05
+    auto_max_flops_fraction: float | None = None
     delta_sweep: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.5])
     steps: int = 300
     batch_size: int = 16

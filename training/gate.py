@@ -4,7 +4,9 @@ For each training crop, all K sub-networks run (the supernet is frozen); the lab
 sub-network whose PSNR is within ``delta`` dB of the widest. One gate is trained per delta of the sweep
 from the same online PSNRs (the gate is tiny, the PSNRs are the cost), so the sweep's PSNR-FLOPs curve
 comes almost for free. The gate at ``delta_db`` is shipped, or with ``delta_db: auto`` the cheapest gate
-on validation that stays within ``auto_max_drop_db`` of the widest there.
+on validation that stays within ``auto_max_drop_db`` of the widest there; with ``auto_max_flops_fraction``
+set, auto also keeps to that fraction of the widest's FLOPs, and where no gate within the budget meets the
+drop, the budget's best PSNR ships.
 """
 
 from __future__ import annotations
@@ -106,15 +108,26 @@ def _report(gate: Gate, table: torch.Tensor, noisies: list, mflops: torch.Tensor
     }
 
 
-def choose_shipped(sweep: list[dict], delta_db: float | str, max_drop_db: float) -> dict:
-    """The sweep report whose gate ships: the one at ``delta_db``, or for ``"auto"`` the fewest validation
-    FLOPs among gates whose validation PSNR is at most ``max_drop_db`` below the widest's (the best PSNR if
-    none is)."""
+def choose_shipped(sweep: list[dict], delta_db: float | str, max_drop_db: float,
+                   max_flops_fraction: float | None = None) -> dict:
+    """The sweep report whose gate ships: the one at ``delta_db``, or for ``"auto"``:
+
+    - the fewest validation FLOPs among gates whose validation PSNR is at most ``max_drop_db`` below the
+      widest's and, with ``max_flops_fraction``, whose validation FLOPs are at most that fraction of the
+      widest's;
+    - where none is both, the highest PSNR within the FLOPs budget (a budget is a promise to operators,
+      the drop a wish);
+    - where nothing is within the budget, or there is none, the highest PSNR.
+    """
     if delta_db != "auto":
         return next(r for r in sweep if r["delta_db"] == delta_db)
-    within = [r for r in sweep if r["auto_psnr"] >= r["best_psnr"] - max_drop_db]
+    affordable = sweep
+    if max_flops_fraction is not None:
+        affordable = [r for r in sweep
+                      if r["auto_mflops_per_pixel"] <= max_flops_fraction * r["best_mflops_per_pixel"]] or sweep
+    within = [r for r in affordable if r["auto_psnr"] >= r["best_psnr"] - max_drop_db]
     if not within:
-        return max(sweep, key=lambda r: (r["auto_psnr"], -r["auto_mflops_per_pixel"]))
+        return max(affordable, key=lambda r: (r["auto_psnr"], -r["auto_mflops_per_pixel"]))
     return min(within, key=lambda r: (r["auto_mflops_per_pixel"], -r["auto_psnr"]))
 
 
@@ -124,6 +137,9 @@ def train_gate(config: GateStage, command: str = "") -> Path:
         raise ValueError(f"delta_db must be a number of dB or 'auto', not {config.delta_db!r}")
     if config.delta_db == "auto" and not config.delta_sweep:
         raise ValueError("delta_db: auto chooses among the delta_sweep gates, and delta_sweep is empty")
+    fraction = config.auto_max_flops_fraction
+    if fraction is not None and not (isinstance(fraction, int | float) and 0 < fraction <= 1):
+        raise ValueError(f"auto_max_flops_fraction must be in (0, 1] of the widest's FLOPs, or null, not {fraction!r}")
     out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_config(config, out.parent / "gate_config.yaml")
@@ -176,10 +192,12 @@ def train_gate(config: GateStage, command: str = "") -> Path:
     scales = [scale for _ in range(len(pairs) // len(config.data.val_scales) // len(config.data.val_sigmas))
               for scale in config.data.val_scales for _ in config.data.val_sigmas]
     sweep = [_report(gate, table, noisies, mflops, delta, sigmas, scales) for delta, gate in gates.items()]
-    shipped = choose_shipped(sweep, config.delta_db, config.auto_max_drop_db)
+    shipped = choose_shipped(sweep, config.delta_db, config.auto_max_drop_db, config.auto_max_flops_fraction)
     rule = f"delta_db={config.delta_db}"
     if config.delta_db == "auto":
         rule += f", auto_max_drop_db={config.auto_max_drop_db}"
+        if config.auto_max_flops_fraction is not None:
+            rule += f", auto_max_flops_fraction={config.auto_max_flops_fraction}"
     report = {"shipped": shipped, "shipped_rule": rule, "delta_sweep": sweep,
               "subnets": [s.to_dict() for s in subnets]}
     (out.parent / "gate_report.json").write_text(json.dumps(report, indent=2))

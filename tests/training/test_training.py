@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -13,7 +14,7 @@ from skimage import data
 from model import load_checkpoint
 from model.supernet import WidthGroup
 from service.cli import main
-from training.config import GateStage, SupernetStage, TailorStage, apply_overrides, load_config
+from training.config import GateStage, SupernetStage, TailorStage, apply_overrides, load_config, save_config
 from training.data import PatchSampler, fixed_noisy_set
 from training.gate import choose_shipped, smallest_within, train_gate
 from training.supernet import reconstruction_loss, train_supernet
@@ -170,6 +171,13 @@ def test_cli_resume_keeps_the_runs_own_config(photo_dirs, tmp_path):
     assert max(r["lr"] for r in records) <= 0.002
     saved = load_config(SupernetStage, run / "config.yaml")
     assert saved.steps == 5 and saved.model == TINY_MODEL and saved.lr == 0.002
+    # An explicit --config wins over the run's own file (how session 11 repaired a run's config by hand).
+    repaired = tmp_path / "repaired.yaml"
+    save_config(dataclasses.replace(saved, steps=6, lr=0.001), repaired)
+    assert train_main(["train", "supernet", "--resume", "--config", str(repaired)]) == 0
+    records = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if "loss_widest" in x]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6] and records[-1]["lr"] <= 0.001
+    assert load_config(SupernetStage, run / "config.yaml").lr == 0.001
 
 
 def test_resume_without_a_state_is_a_clear_error(photo_dirs, tmp_path):
@@ -233,12 +241,30 @@ def test_auto_delta_ships_the_cheapest_gate_within_the_drop_on_validation():
     assert choose_shipped([row(0.1, 29.5, 0.3), row(0.2, 29.7, 0.2)], "auto", 0.05)["delta_db"] == 0.2
 
 
+def test_auto_delta_keeps_to_the_flops_budget():
+    def row(delta, auto_psnr, auto_mflops):
+        return {"delta_db": delta, "auto_psnr": auto_psnr, "auto_mflops_per_pixel": auto_mflops,
+                "best_psnr": 30.0, "best_mflops_per_pixel": 0.40}
+
+    # Session 11's sweep, in shape: nothing is within 0.05 dB except the gates that pick the widest.
+    sweep = [row(0.0, 30.00, 0.401), row(0.1, 29.946, 0.275), row(0.15, 29.946, 0.233), row(0.2, 29.937, 0.226),
+             row(0.5, 29.85, 0.165)]
+    assert choose_shipped(sweep, "auto", 0.05)["delta_db"] == 0.0  # no budget: auto falls back to best
+    assert choose_shipped(sweep, "auto", 0.05, 0.6)["delta_db"] == 0.15  # the budget's highest PSNR, then FLOPs
+    assert choose_shipped(sweep, "auto", 0.1, 0.6)["delta_db"] == 0.2  # within both: the cheapest
+    assert choose_shipped(sweep, "auto", 0.05, 0.45)["delta_db"] == 0.5
+    # A budget nothing meets ships the highest PSNR, as without one.
+    assert choose_shipped(sweep, "auto", 0.05, 0.1)["delta_db"] == 0.0
+
+
 def test_gate_delta_must_be_a_number_or_auto(tmp_path):
     with pytest.raises(ValueError, match="delta_db"):
         train_gate(load_config(GateStage, None, ["delta_db=sometimes", f"out={tmp_path / 'g.safetensors'}"]))
     with pytest.raises(ValueError, match="delta_sweep"):
         train_gate(load_config(GateStage, None, ["delta_db=auto", "delta_sweep=[]",
                                                  f"out={tmp_path / 'g.safetensors'}"]))
+    with pytest.raises(ValueError, match="auto_max_flops_fraction"):
+        train_gate(load_config(GateStage, None, ["auto_max_flops_fraction=60", f"out={tmp_path / 'g.safetensors'}"]))
 
 
 def test_overrides_walk_dicts_and_parse_values():
@@ -260,6 +286,7 @@ def test_shipped_configs_load():
     assert len(targets) >= 3 and targets == sorted(targets, reverse=True) and 0 < targets[-1] < targets[0] < 1
     gate = load_config(GateStage, CONFIG_DIR / "gate.yaml")
     assert gate.delta_db == "auto" and 0 < gate.auto_max_drop_db <= 0.5 and len(gate.delta_sweep) >= 2
+    assert 0 < gate.auto_max_flops_fraction <= 0.6  # the target: auto at <= 60% of best's FLOPs
     assert np.isfinite(gate.lr)
     assert tailor_stage.finetune_steps > 0 and tailor_stage.data.train_dir
 
