@@ -115,9 +115,9 @@ def choose_shipped(sweep: list[dict], delta_db: float | str, max_drop_db: float,
     - the fewest validation FLOPs among gates whose validation PSNR is at most ``max_drop_db`` below the
       widest's and, with ``max_flops_fraction``, whose validation FLOPs are at most that fraction of the
       widest's;
-    - where none is both, the highest PSNR within the FLOPs budget (a budget is a promise to operators,
-      the drop a wish);
-    - where nothing is within the budget, or there is none, the highest PSNR.
+    - where none is both, the highest PSNR within the FLOPs budget (the budget is kept before the drop);
+    - where no gate is within the budget, the same rule without one: the fewest FLOPs within the drop,
+      else the highest PSNR.
     """
     if delta_db != "auto":
         return next(r for r in sweep if r["delta_db"] == delta_db)

@@ -253,7 +253,7 @@ def test_auto_delta_keeps_to_the_flops_budget():
     assert choose_shipped(sweep, "auto", 0.05, 0.6)["delta_db"] == 0.15  # the budget's highest PSNR, then FLOPs
     assert choose_shipped(sweep, "auto", 0.1, 0.6)["delta_db"] == 0.2  # within both: the cheapest
     assert choose_shipped(sweep, "auto", 0.05, 0.45)["delta_db"] == 0.5
-    # A budget nothing meets ships the highest PSNR, as without one.
+    # A budget nothing meets: the rule without one (here δ = 0, the only gate within the drop).
     assert choose_shipped(sweep, "auto", 0.05, 0.1)["delta_db"] == 0.0
 
 
