@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+RESUMABLE = {"supernet": "state.safetensors", "tailor": "finetune_state.safetensors"}  # the state each saves
 
 
 def add_train_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -20,12 +21,12 @@ def add_train_parsers(subparsers: argparse._SubParsersAction) -> None:
     ):
         parser = stages.add_parser(stage, help=help_text)
         default = f"training/configs/{stage}.yaml"
-        if stage == "supernet":
+        if stage in RESUMABLE:
             default += "; with --resume, the run's own out_dir/config.yaml"
         parser.add_argument("--config", help=f"YAML config file (default: {default})")
         parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-        if stage == "supernet":
-            parser.add_argument("--resume", action="store_true", help="continue from out_dir/state.safetensors")
+        if stage in RESUMABLE:
+            parser.add_argument("--resume", action="store_true", help=f"continue from out_dir/{RESUMABLE[stage]}")
         parser.set_defaults(handler=run_train)
 
     evaluate = subparsers.add_parser("eval", help="measure PSNR, FLOPs and speed of every quality and sub-network")
@@ -40,27 +41,28 @@ def add_train_parsers(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from training.config import GateStage, SupernetStage, TailorStage, load_config
+    from training.config import GateStage, SupernetStage, TailorStage, load_config, resume_config
 
     command = shlex.join(["ddsnet", *sys.argv[1:]])
     config_path = args.config or str(CONFIG_DIR / f"{args.stage}.yaml")
+    stage_config = {"supernet": SupernetStage, "tailor": TailorStage, "gate": GateStage}[args.stage]
+    if getattr(args, "resume", False) and args.config is None:
+        config, source = resume_config(stage_config, config_path, args.set)
+        print(f"resuming with {source}" + (" and the --set overrides" if args.set else ""), file=sys.stderr)
+    else:
+        config = load_config(stage_config, config_path, args.set)
     if args.stage == "supernet":
-        from training.supernet import resume_config, train_supernet
+        from training.supernet import train_supernet
 
-        if args.resume and args.config is None:
-            config, source = resume_config(config_path, args.set)
-            print(f"resuming with {source}" + (" and the --set overrides" if args.set else ""), file=sys.stderr)
-        else:
-            config = load_config(SupernetStage, config_path, args.set)
         path = train_supernet(config, resume=args.resume, command=command)
     elif args.stage == "tailor":
         from training.tailor import tailor
 
-        path = tailor(load_config(TailorStage, config_path, args.set), command=command)
+        path = tailor(config, resume=args.resume, command=command)
     else:
         from training.gate import train_gate
 
-        path = train_gate(load_config(GateStage, config_path, args.set), command=command)
+        path = train_gate(config, command=command)
     print(f"wrote {path}")
     return 0
 

@@ -1,4 +1,5 @@
-"""Pieces the three stages share: JSON-lines logs, evaluation on fixed validation pairs, the LR schedule."""
+"""Pieces the three stages share: JSON-lines logs, evaluation on fixed validation pairs, the LR schedule, and
+the resumable training state (weights, Adam moments, noise RNG) of stage 1 and stage 2's fine-tune."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from model.metrics import psnr
 from model.supernet import SlimUNet, WidthConfig
@@ -42,3 +45,62 @@ def psnr_by_sigma(net: SlimUNet, widths: WidthConfig, pairs: list) -> dict[str, 
         value = psnr(denoise_whole(net, noisy, widths), clean).item()
         sums.setdefault(f"{sigma:g}", []).append(value)
     return {key: round(sum(values) / len(values), 4) for key, values in sums.items()}
+
+
+def save_train_state(path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Adam,
+                     generator: torch.Generator, meta: dict) -> None:
+    """Write everything a ``--resume`` needs, in safetensors (no pickle), atomically.
+
+    Each module's tensors go under ``"<name>."``, the Adam moments of the optimizer's parameters (in order)
+    under ``"adam.<index>."``, the noise generator's state as ``noise_generator``; ``meta`` (JSON-able:
+    step, elapsed time, sampler RNG, ...) goes into the file's metadata with the Adam step counts.
+    """
+    tensors = {f"{name}.{k}": v.detach().contiguous() for name, module in modules.items()
+               for k, v in module.state_dict().items()}
+    adam_steps = {}
+    for index, param in enumerate(_params(optimizer)):
+        state = optimizer.state.get(param)
+        if state:
+            tensors[f"adam.{index}.exp_avg"] = state["exp_avg"].contiguous()
+            tensors[f"adam.{index}.exp_avg_sq"] = state["exp_avg_sq"].contiguous()
+            adam_steps[index] = float(state["step"])
+    tensors["noise_generator"] = generator.get_state()
+    partial = path.with_name(path.name + ".partial")
+    save_file(tensors, str(partial), metadata={"resume": json.dumps({**meta, "adam_steps": adam_steps})})
+    partial.replace(path)
+
+
+def read_state_meta(path: Path) -> dict:
+    """The metadata of a state written by ``save_train_state``, without loading its tensors."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no {path} to resume from")
+    with safe_open(str(path), framework="pt") as handle:
+        return json.loads(handle.metadata()["resume"])
+
+
+def load_train_state(path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Adam,
+                     generator: torch.Generator) -> dict:
+    """Restore what ``save_train_state`` wrote into ``modules``, ``optimizer`` and ``generator``; returns meta."""
+    meta = read_state_meta(path)
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    for name, module in modules.items():
+        module.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{name}.")})
+    for index, param in enumerate(_params(optimizer)):
+        if f"adam.{index}.exp_avg" in tensors:
+            optimizer.state[param] = {
+                "step": torch.tensor(meta["adam_steps"][str(index)]),
+                "exp_avg": tensors[f"adam.{index}.exp_avg"],
+                "exp_avg_sq": tensors[f"adam.{index}.exp_avg_sq"],
+            }
+    generator.set_state(tensors["noise_generator"])
+    return meta
+
+
+def _params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
+    return [param for group in optimizer.param_groups for param in group["params"]]
+
+
+def rng_state(state: list) -> tuple:
+    """A ``random.Random`` state back from its JSON form (tuples became lists)."""
+    return (state[0], tuple(state[1]), state[2])

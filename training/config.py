@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import yaml
 
 ConfigT = TypeVar("ConfigT")
+CONFIG_FILE = "config.yaml"  # the effective config, saved in a stage's out_dir
 
 
 @dataclass
@@ -92,6 +93,11 @@ class TailorStage(SandwichLoss):
     finetune_crop: int = 128
     finetune_batch: int = 8
     log_every: int = 10
+    # The fine-tune is resumable (``train tailor --resume``): its state is saved every ``save_every`` steps,
+    # and on stopping early after ``max_minutes`` (> 0) or at step ``stop_at`` (> 0).
+    save_every: int = 100
+    max_minutes: float = 0.0
+    stop_at: int = 0
     seed: int = 0
 
 
@@ -171,3 +177,17 @@ def save_config(config: Any, path: str | Path) -> None:
     """Write the effective config as YAML next to a stage's outputs."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(config))), sort_keys=False))
+
+
+def resume_config(cls: type[ConfigT], base: str | Path, overrides: list[str]) -> tuple[ConfigT, Path]:
+    """The config of a resumed run: the ``config.yaml`` its last start saved in ``out_dir`` (found through
+    ``base`` and the overrides), with the overrides applied again on top.
+
+    Resuming from the committed config instead would silently restart the cosine schedule, the crop
+    schedule and the data settings under that file's values. Returns the config and the file it came
+    from (``base`` itself where ``out_dir`` holds no saved config).
+    """
+    out_dir = Path(load_config(cls, base, overrides).out_dir)
+    saved = out_dir / CONFIG_FILE
+    source = saved if saved.is_file() else Path(base)
+    return load_config(cls, source, overrides), source

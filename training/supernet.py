@@ -7,28 +7,32 @@ Gradients of all members accumulate into one Adam step. An EMA of the weights is
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from model.checkpoint import Subnet, load_checkpoint, save_checkpoint
 from model.flops import supernet_mflops_per_pixel
 from model.gate import Gate, GateConfig
 from model.supernet import SlimUNet, SupernetConfig, WidthConfig
-from training.common import JsonLog, cosine_lr, psnr_by_sigma
-from training.config import SandwichLoss, SupernetStage, load_config, save_config
+from training.common import (
+    JsonLog,
+    cosine_lr,
+    load_train_state,
+    psnr_by_sigma,
+    read_state_meta,
+    rng_state,
+    save_train_state,
+)
+from training.config import CONFIG_FILE, SandwichLoss, SupernetStage, save_config
 from training.data import PatchSampler, blind_noisy, fixed_noisy_set
 
 STATE_FILE = "state.safetensors"
 EXPORT_FILE = "supernet.safetensors"
-CONFIG_FILE = "config.yaml"
 
 
 def crop_for_step(schedule: list[list[float]], step: int, total: int) -> tuple[int, int]:
@@ -94,52 +98,19 @@ def sandwich_backward(net: SlimUNet, noisy: torch.Tensor, clean: torch.Tensor, m
 def save_state(path: Path, net, ema, optimizer, step: int, sampler: PatchSampler, generator, width_rng, elapsed: float
                ) -> None:
     """Everything needed to resume, in safetensors (no pickle): weights, EMA, Adam moments, counters."""
-    tensors = {f"net.{k}": v.detach().contiguous() for k, v in net.state_dict().items()}
-    tensors |= {f"ema.{k}": v.detach().contiguous() for k, v in ema.state_dict().items()}
-    adam_steps = {}
-    for index, param in enumerate(net.parameters()):
-        state = optimizer.state.get(param)
-        if state:
-            tensors[f"adam.{index}.exp_avg"] = state["exp_avg"].contiguous()
-            tensors[f"adam.{index}.exp_avg_sq"] = state["exp_avg_sq"].contiguous()
-            adam_steps[index] = float(state["step"])
-    tensors["noise_generator"] = generator.get_state()
-    meta = {
-        "step": step,
-        "elapsed_s": elapsed,
-        "adam_steps": adam_steps,
-        "sampler_rng": sampler.state(),
-        "width_rng": width_rng.getstate(),
-        "model": net.config.to_dict(),
-    }
-    partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata={"resume": json.dumps(meta)})
-    partial.replace(path)
-
-
-def _rng_state(state: list) -> tuple:
-    return (state[0], tuple(state[1]), state[2])
+    meta = {"step": step, "elapsed_s": elapsed, "sampler_rng": sampler.state(), "width_rng": width_rng.getstate(),
+            "model": net.config.to_dict()}
+    save_train_state(path, {"net": net, "ema": ema}, optimizer, generator, meta)
 
 
 def load_state(path: Path, net, ema, optimizer, sampler: PatchSampler, generator, width_rng) -> tuple[int, float]:
-    with safe_open(str(path), framework="pt") as handle:
-        meta = json.loads(handle.metadata()["resume"])
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    meta = read_state_meta(path)
     if SupernetConfig.from_dict(meta["model"]) != net.config:
         raise ValueError(f"{path} was saved for model {meta['model']}, the config asks for {net.config.to_dict()}")
-    net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
-    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-    for index, param in enumerate(net.parameters()):
-        if f"adam.{index}.exp_avg" in tensors:
-            optimizer.state[param] = {
-                "step": torch.tensor(meta["adam_steps"][str(index)]),
-                "exp_avg": tensors[f"adam.{index}.exp_avg"],
-                "exp_avg_sq": tensors[f"adam.{index}.exp_avg_sq"],
-            }
-    generator.set_state(tensors["noise_generator"])
-    sampler.set_state(_rng_state(meta["sampler_rng"]))
+    load_train_state(path, {"net": net, "ema": ema}, optimizer, generator)
+    sampler.set_state(rng_state(meta["sampler_rng"]))
     if "width_rng" in meta:
-        width_rng.setstate(_rng_state(meta["width_rng"]))
+        width_rng.setstate(rng_state(meta["width_rng"]))
     else:  # states written before the width sampler was saved
         width_rng.seed(int(meta["step"]))
     return int(meta["step"]), float(meta["elapsed_s"])
@@ -152,20 +123,6 @@ def export_supernet(path: Path, ema: SlimUNet, provenance: dict) -> None:
     ]
     gate = Gate(GateConfig(num_subnets=len(subnets)))
     save_checkpoint(path, ema, gate, subnets, gate_trained=False, provenance=provenance)
-
-
-def resume_config(base: str | Path, overrides: list[str]) -> tuple[SupernetStage, Path]:
-    """The config of a resumed run: the ``config.yaml`` its last start saved in ``out_dir`` (found through
-    ``base`` and the overrides), with the overrides applied again on top.
-
-    Resuming from the committed config instead would silently restart the cosine schedule, the crop
-    schedule and the data settings under that file's values. Returns the config and the file it came
-    from (``base`` itself where ``out_dir`` holds no saved config).
-    """
-    out_dir = Path(load_config(SupernetStage, base, overrides).out_dir)
-    saved = out_dir / CONFIG_FILE
-    source = saved if saved.is_file() else Path(base)
-    return load_config(SupernetStage, source, overrides), source
 
 
 def train_supernet(config: SupernetStage, resume: bool = False, command: str = "") -> Path:
@@ -197,8 +154,6 @@ def train_supernet(config: SupernetStage, resume: bool = False, command: str = "
     step, elapsed = 0, 0.0
     state_path = out_dir / STATE_FILE
     if resume:
-        if not state_path.is_file():
-            raise FileNotFoundError(f"--resume: no {state_path} to resume from")
         step, elapsed = load_state(state_path, net, ema, optimizer, sampler, generator, width_rng)
     started, session_started = time.time() - elapsed, time.time()
     widest, slimmest = net.widest(), net.slimmest()

@@ -4,7 +4,8 @@ Starting from the widest configuration, each iteration tries cutting every slimm
 on a fixed validation batch and keeps the cut that costs the least PSNR. Whenever the FLOPs fall under the
 next target fraction, the configuration is recorded. The result is a table of K sub-networks, widest first.
 Optionally (``finetune_steps``) the supernet is then fine-tuned on those K configurations only, so that the
-weights it shares serve the configurations that ship rather than every possible one.
+weights it shares serve the configurations that ship rather than every possible one; the fine-tune saves
+its state as it goes and continues with ``--resume``, like stage 1.
 """
 
 from __future__ import annotations
@@ -21,13 +22,22 @@ from model.checkpoint import Checkpoint, Subnet, load_checkpoint, save_checkpoin
 from model.flops import supernet_mflops_per_pixel
 from model.gate import Gate, GateConfig
 from model.metrics import psnr
-from model.supernet import SlimUNet, WidthConfig, WidthGroup
-from training.common import JsonLog, cosine_lr, psnr_by_sigma
-from training.config import TailorStage, save_config
+from model.supernet import SlimUNet, SupernetConfig, WidthConfig, WidthGroup
+from training.common import (
+    JsonLog,
+    cosine_lr,
+    load_train_state,
+    psnr_by_sigma,
+    read_state_meta,
+    rng_state,
+    save_train_state,
+)
+from training.config import CONFIG_FILE, TailorStage, save_config
 from training.data import PatchSampler, blind_noisy, fixed_noisy_set
 from training.supernet import check_loss, sandwich_backward
 
 TAILORED_FILE = "tailored.safetensors"
+FINETUNE_STATE_FILE = "finetune_state.safetensors"
 
 
 def search_batch(config: TailorStage) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,17 +135,29 @@ def kept_configurations(checkpoint: Checkpoint, source: str) -> list[WidthConfig
     return configs
 
 
-def finetune(net: SlimUNet, configs: list[WidthConfig], config: TailorStage, log: JsonLog, started: float) -> None:
-    """Train ``net`` in place on ``configs`` only (``configs[0]`` the widest): Adam, cosine LR to zero."""
+def finetune(net: SlimUNet, configs: list[WidthConfig], config: TailorStage, log: JsonLog, state_path: Path,
+             meta: dict, started: float, resume: bool = False) -> int:
+    """Train ``net`` in place on ``configs`` only (``configs[0]`` the widest): Adam, cosine LR to zero.
+
+    The state (weights, Adam moments, RNGs and ``meta``: the configurations and the source's provenance) is
+    saved to ``state_path`` every ``save_every`` steps, at the end, and when the run stops early after
+    ``max_minutes`` or at ``stop_at``; ``resume`` continues from it. Returns the step it stopped at.
+    """
     net.train().requires_grad_(True)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.finetune_lr)
     data = config.data
     sampler = PatchSampler(data.train_dir, seed=config.seed, scale_range=data.scale_range,
                            texture_candidates=data.texture_candidates)
     generator = torch.Generator().manual_seed(config.seed)
+    step = 0
+    if resume:
+        saved = load_train_state(state_path, {"net": net}, optimizer, generator)
+        sampler.set_state(rng_state(saved["sampler_rng"]))
+        step = int(saved["step"])
+    session_started = time.time()
     members = configs[1:]
-    progress = tqdm(range(config.finetune_steps), desc="tailor (fine-tune)", dynamic_ncols=True)
-    for step in progress:
+    progress = tqdm(total=config.finetune_steps, initial=step, desc="tailor (fine-tune)", dynamic_ncols=True)
+    while step < config.finetune_steps:
         lr = cosine_lr(step, config.finetune_steps, config.finetune_lr, 0.0, 0)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -144,11 +166,22 @@ def finetune(net: SlimUNet, configs: list[WidthConfig], config: TailorStage, log
         optimizer.zero_grad(set_to_none=True)
         loss_widest, member_losses = sandwich_backward(net, noisy, clean, members, config)
         optimizer.step()
-        if (step + 1) % config.log_every == 0 or step + 1 == config.finetune_steps:
-            log.write(finetune_step=step + 1, lr=lr, loss_widest=round(loss_widest, 6),
+        step += 1
+        progress.update(1)
+        if step % config.log_every == 0 or step == config.finetune_steps:
+            log.write(finetune_step=step, lr=lr, loss_widest=round(loss_widest, 6),
                       loss_members=[round(x, 6) for x in member_losses], seconds=round(time.time() - started, 1))
             progress.set_postfix(loss=f"{loss_widest:.4f}")
+        over_time = config.max_minutes > 0 and time.time() - session_started > 60 * config.max_minutes
+        over_time = over_time or step == config.stop_at
+        if step % config.save_every == 0 or step == config.finetune_steps or over_time:
+            save_train_state(state_path, {"net": net}, optimizer, generator,
+                             {**meta, "step": step, "elapsed_s": time.time() - started, "sampler_rng": sampler.state()})
+        if over_time:
+            break
+    progress.close()
     net.eval().requires_grad_(False)
+    return step
 
 
 def _table(net: SlimUNet, configs: list[WidthConfig], val_pairs: list, desc: str) -> list[Subnet]:
@@ -159,46 +192,70 @@ def _table(net: SlimUNet, configs: list[WidthConfig], val_pairs: list, desc: str
     return subnets
 
 
-def tailor(config: TailorStage, command: str = "") -> Path:
+def tailor(config: TailorStage, resume: bool = False, command: str = "") -> Path:
     """Run stage 2 on the supernet checkpoint; writes the tailored checkpoint and ``table.json``.
 
     With ``finetune_steps`` the table is measured before the fine-tune too (``table_before_finetune.json``),
-    so what the fine-tune bought is on record.
+    so what the fine-tune bought is on record. A fine-tune stopped early (``max_minutes``, ``stop_at``)
+    returns its state file instead; ``resume`` continues it from there, with the configurations and
+    provenance the state holds, and then writes the table and the checkpoint.
     """
     check_loss(config.loss)
-    checkpoint = load_checkpoint(config.supernet)
-    net: SlimUNet = checkpoint.net
-    kept = None if config.search else kept_configurations(checkpoint, config.supernet)  # checked before writing
     out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, out_dir / "config.yaml")
-    log = JsonLog(out_dir / "log.jsonl")
-    started = time.time()
-    if kept is None:
-        configs = _search(net, config, log, started)
+    state_path = out_dir / FINETUNE_STATE_FILE
+    if resume:
+        meta = read_state_meta(state_path)
+        log = JsonLog(out_dir / "log.jsonl")
+        net = SlimUNet(SupernetConfig.from_dict(meta["model"]))
+        configs = [tuple(c) for c in meta["configs"]]
+        started = time.time() - float(meta["elapsed_s"])
+        meta["resumes"] = [*meta.get("resumes", []), {"command": command, "step": int(meta["step"])}]
+        save_config(config, out_dir / CONFIG_FILE)
+        log.write(resumed_at_step=int(meta["step"]), seconds=round(time.time() - started, 1))
     else:
-        configs = kept
-        log.write(kept_configurations=[list(c) for c in configs], seconds=round(time.time() - started, 1))
+        checkpoint = load_checkpoint(config.supernet)
+        net = checkpoint.net
+        kept = None if config.search else kept_configurations(checkpoint, config.supernet)  # checked before writing
+        save_config(config, out_dir / CONFIG_FILE)
+        log = JsonLog(out_dir / "log.jsonl")
+        started = time.time()
+        if kept is None:
+            configs = _search(net, config, log, started)
+        else:
+            configs = kept
+            log.write(kept_configurations=[list(c) for c in configs], seconds=round(time.time() - started, 1))
+        meta = {"model": net.config.to_dict(), "configs": [list(c) for c in configs], "command": command,
+                "provenance": checkpoint.provenance}
 
     val_pairs = fixed_noisy_set(config.data.val_dir, config.data.val_sigmas, config.data.val_seed,
                                 scales=config.data.val_scales)
     if config.finetune_steps > 0:
-        before = [s.to_dict() for s in _table(net, configs, val_pairs, "tailor (validation, before fine-tune)")]
-        (out_dir / "table_before_finetune.json").write_text(json.dumps(before, indent=2))
-        log.write(table_before_finetune=before, seconds=round(time.time() - started, 1))
-        finetune(net, configs, config, log, started)
+        if not resume:
+            before = [s.to_dict() for s in _table(net, configs, val_pairs, "tailor (validation, before fine-tune)")]
+            (out_dir / "table_before_finetune.json").write_text(json.dumps(before, indent=2))
+            log.write(table_before_finetune=before, seconds=round(time.time() - started, 1))
+        step = finetune(net, configs, config, log, state_path, meta, started, resume)
+        if step < config.finetune_steps:
+            log.write(stopped_at_step=step, seconds=round(time.time() - started, 1))
+            tqdm.write(f"fine-tune stopped at step {step} of {config.finetune_steps}; continue with "
+                       f"`ddsnet train tailor --resume --set out_dir={out_dir}`")
+            return state_path
     subnets = _table(net, configs, val_pairs, "tailor (validation)")
     table = [s.to_dict() for s in subnets]
     (out_dir / "table.json").write_text(json.dumps(table, indent=2))
     log.write(table=table, seconds=round(time.time() - started, 1))
 
-    provenance = dict(checkpoint.provenance)
+    provenance = dict(meta["provenance"])
     previous = provenance.get("tailor")
-    provenance["tailor"] = {"command": command, "val_dir": config.data.val_dir, "targets": config.targets,
-                            "criterion": config.criterion, "search": config.search,
-                            "finetune_steps": config.finetune_steps, "seconds": round(time.time() - started, 1)}
-    if not config.search and previous:
-        provenance["tailor"]["previous"] = previous  # the run whose configurations were kept
+    record = {"command": meta["command"], "val_dir": config.data.val_dir, "search": config.search,
+              "finetune_steps": config.finetune_steps, "seconds": round(time.time() - started, 1)}
+    if config.search:  # the targets and criterion found the configurations only where a search ran
+        record |= {"targets": config.targets, "criterion": config.criterion}
+    elif previous:
+        record["previous"] = previous  # the run whose configurations were kept
+    if meta.get("resumes"):
+        record["resumes"] = meta["resumes"]
+    provenance["tailor"] = record
     gate = Gate(GateConfig(num_subnets=len(subnets)))
     path = out_dir / TAILORED_FILE
     save_checkpoint(path, net, gate, subnets, gate_trained=False, provenance=provenance)

@@ -1,4 +1,4 @@
-"""Training stages on tiny configs: end to end, tailoring choice, label rule, resume."""
+"""Training stages on tiny configs: end to end, tailoring choice, label rule, resume (stages 1 and 2)."""
 
 from __future__ import annotations
 
@@ -119,6 +119,7 @@ def test_tailor_finetune_trains_only_the_found_configurations_and_records_before
     assert any(not torch.equal(t, c.net.state_dict()[k]) for k, t in b.net.state_dict().items())
     assert c.provenance["tailor"]["search"] is False
     assert c.provenance["tailor"]["previous"]["finetune_steps"] == 3
+    assert "targets" not in c.provenance["tailor"]  # kept, not found by this run's targets
     # A stage-1 supernet has no tailored table to keep.
     with pytest.raises(ValueError, match="search=false needs a tailored checkpoint"):
         tailor(load_config(TailorStage, None, [f"supernet={supernet}", f"out_dir={tmp_path / 'bad'}",
@@ -139,6 +140,38 @@ def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(p
     a, b = load_checkpoint(straight / "supernet.safetensors"), load_checkpoint(split / "supernet.safetensors")
     for name, tensor in a.net.state_dict().items():
         assert torch.allclose(tensor, b.net.state_dict()[name], atol=1e-6), name
+
+
+def test_tailor_finetune_resumes_from_its_state_and_matches_an_uninterrupted_run(photo_dirs, tmp_path):
+    from training.cli import main as train_main
+
+    supernet = train_supernet(supernet_config(photo_dirs, tmp_path / "s1"))
+    common = [f"supernet={supernet}", "search_crop=32", f"data={json.dumps(tiny_data(photo_dirs))}",
+              "finetune_crop=16", "finetune_batch=2", "finetune_steps=4", "finetune_lr=0.01", "log_every=1"]
+    straight = tailor(load_config(TailorStage, None, [f"out_dir={tmp_path / 'straight'}", *common]))
+    split = tmp_path / "split"
+    stopped = tailor(load_config(TailorStage, None, [f"out_dir={split}", "stop_at=2", *common]), command="first")
+    assert stopped == split / "finetune_state.safetensors" and not (split / "tailored.safetensors").exists()
+    # Only out_dir: the run's own config.yaml (a tiny 4-step run), not the committed tailor.yaml.
+    assert train_main(["train", "tailor", "--resume", "--set", f"out_dir={split}"]) == 0
+
+    def records(run):
+        return [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+
+    assert [r["finetune_step"] for r in records(split) if "finetune_step" in r] == [1, 2, 3, 4]
+    assert [r["resumed_at_step"] for r in records(split) if "resumed_at_step" in r] == [2]
+    # The search ran once, before the stop, and made as many cuts as the uninterrupted run's.
+    assert sum("fraction" in r for r in records(split)) == sum("fraction" in r for r in records(tmp_path / "straight"))
+    for name in ("table_before_finetune.json", "table.json"):
+        assert (split / name).read_text() == (tmp_path / "straight" / name).read_text(), name
+    a, b = load_checkpoint(straight), load_checkpoint(split / "tailored.safetensors")
+    for name, tensor in a.net.state_dict().items():
+        assert torch.allclose(tensor, b.net.state_dict()[name], atol=1e-6), name
+    assert b.provenance["tailor"]["command"] == "first"
+    assert [r["step"] for r in b.provenance["tailor"]["resumes"]] == [2]
+    assert b.provenance["tailor"]["targets"] == [0.7, 0.59, 0.45, 0.25]  # a search ran
+    with pytest.raises(FileNotFoundError, match="resume"):
+        tailor(load_config(TailorStage, None, [f"out_dir={tmp_path / 'none'}", *common]), resume=True)
 
 
 def test_init_from_a_checkpoint_starts_from_its_weights(photo_dirs, tmp_path):
