@@ -53,6 +53,12 @@ def check_loss(kind: str) -> None:
         raise ValueError(f"unknown loss {kind!r}; choose from {', '.join(LOSSES)}")
 
 
+def check_save_every(save_every: int) -> None:
+    """Refuse a state-saving interval that is not a positive number of steps, before any work is done."""
+    if not isinstance(save_every, int) or isinstance(save_every, bool) or save_every < 1:
+        raise ValueError(f"save_every must be a positive number of steps, not {save_every!r}")
+
+
 def reconstruction_loss(kind: str, output: torch.Tensor, clean: torch.Tensor, teacher: torch.Tensor | None = None,
                         distill_weight: float = 0.0, eps: float = 1e-6) -> torch.Tensor:
     """The stage-1 loss of one batch member's output, against the clean image and optionally the teacher.
@@ -128,6 +134,7 @@ def export_supernet(path: Path, ema: SlimUNet, provenance: dict) -> None:
 def train_supernet(config: SupernetStage, resume: bool = False, command: str = "") -> Path:
     """Run (or continue) stage 1; returns the exported checkpoint path."""
     check_loss(config.loss)
+    check_save_every(config.save_every)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, out_dir / CONFIG_FILE)

@@ -34,7 +34,7 @@ from training.common import (
 )
 from training.config import CONFIG_FILE, TailorStage, save_config
 from training.data import PatchSampler, blind_noisy, fixed_noisy_set
-from training.supernet import check_loss, sandwich_backward
+from training.supernet import check_loss, check_save_every, sandwich_backward
 
 TAILORED_FILE = "tailored.safetensors"
 FINETUNE_STATE_FILE = "finetune_state.safetensors"
@@ -201,6 +201,7 @@ def tailor(config: TailorStage, resume: bool = False, command: str = "") -> Path
     provenance the state holds, and then writes the table and the checkpoint.
     """
     check_loss(config.loss)
+    check_save_every(config.save_every)
     out_dir = Path(config.out_dir)
     state_path = out_dir / FINETUNE_STATE_FILE
     if resume:

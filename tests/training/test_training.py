@@ -352,6 +352,11 @@ def test_unknown_loss_in_config_is_refused_before_training(photo_dirs, tmp_path)
     with pytest.raises(ValueError, match="unknown loss"):
         train_supernet(supernet_config(photo_dirs, tmp_path / "bad", loss="huber"))
     assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="save_every"):
+        train_supernet(supernet_config(photo_dirs, tmp_path / "bad", save_every=0))
+    with pytest.raises(ValueError, match="save_every"):
+        tailor(load_config(TailorStage, None, [f"out_dir={tmp_path / 'bad'}", "save_every=0"]))
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.fixture(scope="module")
