@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from model.metrics import psnr
 from model.supernet import SlimUNet, WidthConfig
 from model.tiling import denoise_whole
+from training.data import PatchSampler
 
 
 class JsonLog:
@@ -48,12 +49,13 @@ def psnr_by_sigma(net: SlimUNet, widths: WidthConfig, pairs: list) -> dict[str, 
 
 
 def save_train_state(path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Adam,
-                     generator: torch.Generator, meta: dict) -> None:
+                     generator: torch.Generator, sampler: PatchSampler, meta: dict) -> None:
     """Write everything a ``--resume`` needs, in safetensors (no pickle), atomically.
 
     Each module's tensors go under ``"<name>."``, the Adam moments of the optimizer's parameters (in order)
     under ``"adam.<index>."``, the noise generator's state as ``noise_generator``; ``meta`` (JSON-able:
-    step, elapsed time, sampler RNG, ...) goes into the file's metadata with the Adam step counts.
+    step, elapsed time, ...) goes into the file's metadata with the Adam step counts and the crop
+    sampler's RNG state.
     """
     tensors = {f"{name}.{k}": v.detach().contiguous() for name, module in modules.items()
                for k, v in module.state_dict().items()}
@@ -66,7 +68,8 @@ def save_train_state(path: Path, modules: dict[str, torch.nn.Module], optimizer:
             adam_steps[index] = float(state["step"])
     tensors["noise_generator"] = generator.get_state()
     partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata={"resume": json.dumps({**meta, "adam_steps": adam_steps})})
+    save_file(tensors, str(partial), metadata={"resume": json.dumps({**meta, "adam_steps": adam_steps,
+                                                                         "sampler_rng": sampler.state()})})
     partial.replace(path)
 
 
@@ -79,8 +82,9 @@ def read_state_meta(path: Path) -> dict:
 
 
 def load_train_state(path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Adam,
-                     generator: torch.Generator) -> dict:
-    """Restore what ``save_train_state`` wrote into ``modules``, ``optimizer`` and ``generator``; returns meta."""
+                     generator: torch.Generator, sampler: PatchSampler) -> dict:
+    """Restore what ``save_train_state`` wrote into ``modules``, ``optimizer``, ``generator`` and ``sampler``;
+    returns meta."""
     meta = read_state_meta(path)
     with safe_open(str(path), framework="pt") as handle:
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
@@ -94,6 +98,7 @@ def load_train_state(path: Path, modules: dict[str, torch.nn.Module], optimizer:
                 "exp_avg_sq": tensors[f"adam.{index}.exp_avg_sq"],
             }
     generator.set_state(tensors["noise_generator"])
+    sampler.set_state(rng_state(meta["sampler_rng"]))
     return meta
 
 

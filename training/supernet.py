@@ -104,17 +104,15 @@ def sandwich_backward(net: SlimUNet, noisy: torch.Tensor, clean: torch.Tensor, m
 def save_state(path: Path, net, ema, optimizer, step: int, sampler: PatchSampler, generator, width_rng, elapsed: float
                ) -> None:
     """Everything needed to resume, in safetensors (no pickle): weights, EMA, Adam moments, counters."""
-    meta = {"step": step, "elapsed_s": elapsed, "sampler_rng": sampler.state(), "width_rng": width_rng.getstate(),
-            "model": net.config.to_dict()}
-    save_train_state(path, {"net": net, "ema": ema}, optimizer, generator, meta)
+    meta = {"step": step, "elapsed_s": elapsed, "width_rng": width_rng.getstate(), "model": net.config.to_dict()}
+    save_train_state(path, {"net": net, "ema": ema}, optimizer, generator, sampler, meta)
 
 
 def load_state(path: Path, net, ema, optimizer, sampler: PatchSampler, generator, width_rng) -> tuple[int, float]:
     meta = read_state_meta(path)
     if SupernetConfig.from_dict(meta["model"]) != net.config:
         raise ValueError(f"{path} was saved for model {meta['model']}, the config asks for {net.config.to_dict()}")
-    load_train_state(path, {"net": net, "ema": ema}, optimizer, generator)
-    sampler.set_state(rng_state(meta["sampler_rng"]))
+    load_train_state(path, {"net": net, "ema": ema}, optimizer, generator, sampler)
     if "width_rng" in meta:
         width_rng.setstate(rng_state(meta["width_rng"]))
     else:  # states written before the width sampler was saved

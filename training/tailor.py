@@ -29,7 +29,6 @@ from training.common import (
     load_train_state,
     psnr_by_sigma,
     read_state_meta,
-    rng_state,
     save_train_state,
 )
 from training.config import CONFIG_FILE, TailorStage, save_config
@@ -151,9 +150,7 @@ def finetune(net: SlimUNet, configs: list[WidthConfig], config: TailorStage, log
     generator = torch.Generator().manual_seed(config.seed)
     step = 0
     if resume:
-        saved = load_train_state(state_path, {"net": net}, optimizer, generator)
-        sampler.set_state(rng_state(saved["sampler_rng"]))
-        step = int(saved["step"])
+        step = int(load_train_state(state_path, {"net": net}, optimizer, generator, sampler)["step"])
     session_started = time.time()
     members = configs[1:]
     progress = tqdm(total=config.finetune_steps, initial=step, desc="tailor (fine-tune)", dynamic_ncols=True)
@@ -175,8 +172,8 @@ def finetune(net: SlimUNet, configs: list[WidthConfig], config: TailorStage, log
         over_time = config.max_minutes > 0 and time.time() - session_started > 60 * config.max_minutes
         over_time = over_time or step == config.stop_at
         if step % config.save_every == 0 or step == config.finetune_steps or over_time:
-            save_train_state(state_path, {"net": net}, optimizer, generator,
-                             {**meta, "step": step, "elapsed_s": time.time() - started, "sampler_rng": sampler.state()})
+            save_train_state(state_path, {"net": net}, optimizer, generator, sampler,
+                             {**meta, "step": step, "elapsed_s": time.time() - started})
         if over_time:
             break
     progress.close()
