@@ -19,10 +19,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def committed_logs(folder: Path = Path("checkpoints/logs")) -> list[Path]:
+    """The committed stage-1 logs in run order: ``supernet.jsonl`` (the first run), then ``supernet-N.jsonl``
+    by N."""
+    def run_number(path: Path) -> int:
+        suffix = path.stem.removeprefix("supernet").removeprefix("-")
+        return int(suffix) if suffix else 1
+
+    return sorted(folder.glob("supernet*.jsonl"), key=run_number)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sessions = ("supernet", "supernet-2", "supernet-3", "supernet-4", "supernet-5", "supernet-7", "supernet-8")
-    parser.add_argument("--log", nargs="+", default=[f"checkpoints/logs/{name}.jsonl" for name in sessions])
+    parser.add_argument("--log", nargs="+", default=[str(path) for path in committed_logs()],
+                        help="default: every checkpoints/logs/supernet*.jsonl, in run order")
     parser.add_argument("--out", default="benchmarks/results/supernet_curve.png")
     args = parser.parse_args()
     records, starts, offset = [], [], 0
