@@ -53,7 +53,7 @@ def main() -> int:
         try:
             row = history_row(json.loads(git("show", f"{commit}:{QUALITY}")))
         except subprocess.CalledProcessError:
-            print(f"| {number} | `{commit}` | {date} | no {QUALITY} in this commit |||||")
+            print(f"| {number} | `{commit}` | {date} | no {QUALITY} in this commit |" + " |" * 5)
             continue
         print(f"| {number} | `{commit}` | {date} | {row['subnets']} | {row['best']:.2f} | {row['fast']:.2f} | "
               f"{row['auto']:.2f} | {100 * row['auto_flops_fraction']:.0f}% | "
