@@ -39,6 +39,9 @@ class SandwichLoss:
     every other member against the clean image and the widest's detached output."""
 
     distill_weight: float = 1.0
+    # The widest's loss counts this many times in the step's gradient (each other member's counts once).
+    # Above 1 it shifts the shared weights toward the widest, which is `best` and the members' teacher.
+    widest_weight: float = 1.0
     # "l1": batch-mean L1. "log_mse": mean over images of log(MSE + eps), i.e. every image's PSNR counts
     # the same whatever its sigma, so low-noise inputs are not drowned by high-noise ones.
     loss: str = "log_mse"

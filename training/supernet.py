@@ -84,12 +84,13 @@ def sandwich_backward(net: SlimUNet, noisy: torch.Tensor, clean: torch.Tensor, m
                       config: SandwichLoss) -> tuple[float, list[float]]:
     """Accumulate one sandwich step's gradients and clip them; returns the widest's loss and each member's.
 
-    The widest learns from the clean image; every member from the clean image and, in-place distillation,
-    from the widest's detached output.
+    The widest learns from the clean image, its loss weighted by ``config.widest_weight``; every member from
+    the clean image and, in-place distillation, from the widest's detached output. The losses returned are
+    unweighted.
     """
     teacher = net(noisy, net.widest())
     loss_widest = reconstruction_loss(config.loss, teacher, clean, eps=config.log_mse_eps)
-    loss_widest.backward()
+    (config.widest_weight * loss_widest).backward()
     teacher = teacher.detach()
     member_losses = []
     for widths in members:

@@ -12,12 +12,12 @@ from PIL import Image
 from skimage import data
 
 from model import load_checkpoint
-from model.supernet import WidthGroup
+from model.supernet import SlimUNet, SupernetConfig, WidthGroup
 from service.cli import main
 from training.config import GateStage, SupernetStage, TailorStage, apply_overrides, load_config, save_config
 from training.data import PatchSampler, fixed_noisy_set
 from training.gate import choose_shipped, smallest_within, train_gate
-from training.supernet import reconstruction_loss, train_supernet
+from training.supernet import reconstruction_loss, sandwich_backward, train_supernet
 from training.tailor import greedy_tailor, tailor
 
 TINY_MODEL = {"channels": [8, 16, 32], "enc_blocks": [1, 1], "body_blocks": 1, "dec_blocks": [1, 1],
@@ -346,6 +346,31 @@ def test_log_mse_loss_counts_every_image_alike_whatever_its_error():
     assert torch.isclose(with_teacher, expected, atol=1e-5)
     with pytest.raises(ValueError, match="unknown loss"):
         reconstruction_loss("l2", output, clean)
+
+
+def test_widest_weight_scales_only_the_widest_loss_in_the_gradient():
+    net = SlimUNet(SupernetConfig.from_dict(TINY_MODEL))
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.rand(2, 3, 16, 16, generator=generator)
+    noisy = clean + 0.1 * torch.randn(clean.shape, generator=generator)
+    members = [net.slimmest()]
+
+    def gradient(widest_weight: float, with_members: bool) -> tuple[torch.Tensor, float, list[float]]:
+        config = TailorStage(widest_weight=widest_weight, grad_clip=1e9)
+        net.zero_grad(set_to_none=True)
+        widest, member_losses = sandwich_backward(net, noisy, clean, members if with_members else [], config)
+        return torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]), widest, member_losses
+
+    alone, loss_1, _ = gradient(1.0, with_members=False)
+    tripled, loss_3, _ = gradient(3.0, with_members=False)
+    assert loss_3 == pytest.approx(loss_1)  # the loss reported is unweighted
+    assert torch.allclose(tripled, 3 * alone, rtol=1e-4, atol=1e-7)
+    # With a member, the weight adds (w - 1) times the widest's gradient to the sum, nothing else.
+    both_1, _, members_1 = gradient(1.0, with_members=True)
+    both_3, _, members_3 = gradient(3.0, with_members=True)
+    assert members_3 == pytest.approx(members_1)
+    assert torch.allclose(both_3 - both_1, 2 * alone, rtol=1e-3, atol=1e-6)
+    assert not torch.allclose(both_1, alone)
 
 
 def test_unknown_loss_in_config_is_refused_before_training(photo_dirs, tmp_path):
