@@ -18,8 +18,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+LOGS = Path(__file__).resolve().parents[1] / "checkpoints" / "logs"
 
-def committed_logs(folder: Path = Path("checkpoints/logs")) -> list[Path]:
+
+def committed_logs(folder: Path = LOGS) -> list[Path]:
     """The committed stage-1 logs in run order: ``supernet.jsonl`` (the first run), then ``supernet-N.jsonl``
     by N."""
     def run_number(path: Path) -> int:
@@ -35,6 +37,8 @@ def main() -> int:
                         help="default: every checkpoints/logs/supernet*.jsonl, in run order")
     parser.add_argument("--out", default="benchmarks/results/supernet_curve.png")
     args = parser.parse_args()
+    if not args.log:
+        raise SystemExit(f"error: no supernet*.jsonl in {LOGS}; name the logs with --log")
     records, starts, offset = [], [], 0
     for log in args.log:
         if not Path(log).is_file():
