@@ -89,6 +89,10 @@ class TailorStage(SandwichLoss):
     # False: skip the search and keep the K configurations in ``supernet``'s own table (a tailored or gated
     # checkpoint), so that a fine-tune can continue on the configurations already shipped.
     search: bool = True
+    # With ``search: false``, the K configurations to fine-tune and tabulate instead of ``supernet``'s own
+    # table: per-group channel lists, widest first, FLOPs strictly falling (e.g. points of a logged search
+    # path). Empty: keep the table's.
+    configs: list[list[int]] = field(default_factory=list)
     # The short fine-tune of the supernet restricted to the K tailored configurations (0 = none): every
     # step trains the widest on the clean image and the other K-1 with in-place distillation from it.
     finetune_steps: int = 0

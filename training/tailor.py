@@ -134,6 +134,26 @@ def kept_configurations(checkpoint: Checkpoint, source: str) -> list[WidthConfig
     return configs
 
 
+def given_configurations(net: SlimUNet, given: list[list[int]]) -> list[WidthConfig]:
+    """``configs`` as the run's K configurations, checked: valid widths, the widest first, FLOPs falling."""
+    if len(given) < 2:
+        raise ValueError(f"configs: give at least 2 configurations (the widest first), not {len(given)}")
+    configs = []
+    for i, widths in enumerate(given):
+        try:
+            configs.append(net.validate(widths))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"configs[{i}]: {error}") from None
+    if configs[0] != net.widest():
+        raise ValueError(f"configs[0] must be the widest configuration {list(net.widest())}")
+    cost = [supernet_mflops_per_pixel(net, c) for c in configs]
+    for i in range(1, len(configs)):
+        if cost[i] >= cost[i - 1]:
+            raise ValueError(f"configs[{i}] ({cost[i]:.6f} MFLOPs/px) must cost less than configs[{i - 1}] "
+                             f"({cost[i - 1]:.6f}): list the sub-networks widest first")
+    return configs
+
+
 def finetune(net: SlimUNet, configs: list[WidthConfig], config: TailorStage, log: JsonLog, state_path: Path,
              meta: dict, started: float, resume: bool = False) -> int:
     """Train ``net`` in place on ``configs`` only (``configs[0]`` the widest): Adam, cosine LR to zero.
@@ -213,7 +233,13 @@ def tailor(config: TailorStage, resume: bool = False, command: str = "") -> Path
     else:
         checkpoint = load_checkpoint(config.supernet)
         net = checkpoint.net
-        kept = None if config.search else kept_configurations(checkpoint, config.supernet)  # checked before writing
+        if config.configs and config.search:
+            raise ValueError("configs lists the sub-networks to keep instead of searching; set search=false too")
+        kept = None  # checked before anything is written
+        if config.configs:
+            kept = given_configurations(net, config.configs)
+        elif not config.search:
+            kept = kept_configurations(checkpoint, config.supernet)
         save_config(config, out_dir / CONFIG_FILE)
         log = JsonLog(out_dir / "log.jsonl")
         started = time.time()
@@ -250,7 +276,9 @@ def tailor(config: TailorStage, resume: bool = False, command: str = "") -> Path
     if config.search:  # the targets and criterion found the configurations only where a search ran
         record |= {"targets": config.targets, "criterion": config.criterion}
     elif previous:
-        record["previous"] = previous  # the run whose configurations were kept
+        record["previous"] = previous  # the run whose configurations were kept (or whose weights, with configs)
+    if config.configs:
+        record["configs_given"] = True  # the configurations came from the config, not a search or the table
     if meta.get("resumes"):
         record["resumes"] = meta["resumes"]
     provenance["tailor"] = record

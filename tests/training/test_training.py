@@ -127,6 +127,47 @@ def test_tailor_finetune_trains_only_the_found_configurations_and_records_before
     assert not (tmp_path / "bad").exists()  # refused before anything was written
 
 
+def test_tailor_configs_gives_the_sub_networks_and_bad_lists_are_refused_before_writing(photo_dirs, tmp_path):
+    supernet = train_supernet(supernet_config(photo_dirs, tmp_path / "s1"))
+    net = load_checkpoint(supernet).net
+    widest, slimmest = list(net.widest()), list(net.slimmest())
+    middle = [g.choices[len(g.choices) // 2] for g in net.groups]
+    common = ["search_crop=32", f"data={json.dumps(tiny_data(photo_dirs))}", "finetune_crop=16",
+              "finetune_batch=2", "log_every=1"]
+
+    def run(name: str, *overrides: str):
+        return tailor(load_config(TailorStage, None, [f"supernet={supernet}", f"out_dir={tmp_path / name}",
+                                                      *common, *overrides]))
+
+    # A stage-1 supernet has no table, but with configs it needs none: these three are fine-tuned and tabled.
+    given = run("given", "search=false", f"configs={json.dumps([widest, middle, slimmest])}",
+                "finetune_steps=2", "finetune_lr=0.01")
+    records = [json.loads(x) for x in (tmp_path / "given" / "log.jsonl").read_text().splitlines()]
+    assert not any("fraction" in r for r in records)  # no cut was tried
+    assert [row["channels"] for row in json.loads((tmp_path / "given" / "table.json").read_text())] == \
+        [widest, middle, slimmest]
+    checkpoint = load_checkpoint(given)
+    assert [list(s.channels) for s in checkpoint.subnets] == [widest, middle, slimmest]
+    assert checkpoint.provenance["tailor"]["configs_given"] is True
+    assert "targets" not in checkpoint.provenance["tailor"]
+
+    bad_width = [*middle[:-1], middle[-1] + 1]
+    cases = {
+        "with_search": (["search=true", f"configs={json.dumps([widest, slimmest])}"], "set search=false too"),
+        "one": (["search=false", f"configs={json.dumps([widest])}"], "at least 2"),
+        "not_widest": (["search=false", f"configs={json.dumps([middle, slimmest])}"], "must be the widest"),
+        "rising": (["search=false", f"configs={json.dumps([widest, slimmest, middle])}"],
+                   r"configs\[2\].*must cost less than configs\[1\]"),
+        "bad_width": (["search=false", f"configs={json.dumps([widest, bad_width])}"],
+                      rf"configs\[1\]: group {net.groups[-1].name}: width"),
+        "short": (["search=false", f"configs={json.dumps([widest, middle[:-1]])}"], r"configs\[1\]: .*entries"),
+    }
+    for name, (overrides, message) in cases.items():
+        with pytest.raises(ValueError, match=message):
+            run(name, *overrides)
+        assert not (tmp_path / name).exists()  # refused before anything was written
+
+
 def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(photo_dirs, tmp_path):
     straight = tmp_path / "straight"
     train_supernet(supernet_config(photo_dirs, straight))
