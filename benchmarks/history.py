@@ -56,7 +56,7 @@ def main() -> int:
             print(f"| {number} | `{commit}` | {date} | no {QUALITY} in this commit |" + " |" * 5)
             continue
         print(f"| {number} | `{commit}` | {date} | {row['subnets']} | {row['best']:.2f} | {row['fast']:.2f} | "
-              f"{row['auto']:.2f} | {100 * row['auto_flops_fraction']:.0f}% | "
+              f"{row['auto']:.2f} | {100 * row['auto_flops_fraction']:.1f}% | "
               f"{row['targets_met']} of {row['targets']} |")
     return 0
 

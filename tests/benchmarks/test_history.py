@@ -60,9 +60,9 @@ def test_one_row_per_checkpoint_commit_from_its_own_quality_report(history, tmp_
     assert all(row.count("|") == header_cells for row in rows)
     assert "no benchmarks/results/quality.json in this commit" in rows[0]
     cells = [cell.strip() for cell in rows[1].strip("|").split("|")]
-    assert cells[3:] == ["3", "31.20", "30.90", "31.18", "75%", "1 of 2"]
+    assert cells[3:] == ["3", "31.20", "30.90", "31.18", "75.0%", "1 of 2"]
     cells = [cell.strip() for cell in rows[2].strip("|").split("|")]
-    assert cells[3:] == ["3", "31.41", "31.05", "31.37", "65%", "2 of 3"]
+    assert cells[3:] == ["3", "31.41", "31.05", "31.37", "65.0%", "2 of 3"]
 
 
 def test_outside_a_git_repository_it_says_so_and_fails(history, tmp_path, capsys):
