@@ -83,7 +83,7 @@ class TailorStage(SandwichLoss):
     search_crop: int = 128
     search_sigmas: list[float] = field(default_factory=lambda: [15.0, 25.0, 50.0])
     # FLOPs fractions of the widest at which a sub-network is recorded (the widest itself is always first).
-    targets: list[float] = field(default_factory=lambda: [0.7, 0.59, 0.45, 0.25])
+    targets: list[float] = field(default_factory=lambda: [0.7, 0.598, 0.45, 0.25])
     # "psnr": keep the cut that loses the least PSNR (AutoSlim); "psnr_per_flop": least loss per FLOP saved.
     criterion: str = "psnr"
     # False: skip the search and keep the K configurations in ``supernet``'s own table (a tailored or gated
