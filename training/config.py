@@ -93,6 +93,11 @@ class TailorStage(SandwichLoss):
     # table: per-group channel lists, widest first, FLOPs strictly falling (e.g. points of a logged search
     # path). Empty: keep the table's.
     configs: list[list[int]] = field(default_factory=list)
+    # Give back channel steps after the search (or to the kept or given configurations): widen sub-network i
+    # (i >= 1) one group step at a time, keeping the step that raises the search batch's PSNR most, while
+    # its FLOPs stay within ``targets[i-1]`` of the widest's and its widths within sub-network i-1's. A cut
+    # overshoots its target by up to one step's FLOPs; this spends what is left.
+    refill: bool = False
     # The short fine-tune of the supernet restricted to the K tailored configurations (0 = none): every
     # step trains the widest on the clean image and the other K-1 with in-place distillation from it.
     finetune_steps: int = 0

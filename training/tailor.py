@@ -5,7 +5,8 @@ on a fixed validation batch and keeps the cut that costs the least PSNR. Wheneve
 next target fraction, the configuration is recorded. The result is a table of K sub-networks, widest first.
 Optionally (``finetune_steps``) the supernet is then fine-tuned on those K configurations only, so that the
 weights it shares serve the configurations that ship rather than every possible one; the fine-tune saves
-its state as it goes and continues with ``--resume``, like stage 1.
+its state as it goes and continues with ``--resume``, like stage 1. ``refill`` first gives back what the
+cuts overshot: it widens each sub-network, a step at a time, as far as its FLOPs target allows.
 """
 
 from __future__ import annotations
@@ -47,6 +48,17 @@ def search_batch(config: TailorStage) -> tuple[torch.Tensor, torch.Tensor]:
     clean = torch.cat([c[..., :side, :side] for _, _, c, _ in pairs])
     noisy = torch.cat([n[..., :side, :side] for _, _, _, n in pairs])
     return clean, noisy
+
+
+def search_score(net: SlimUNet, config: TailorStage) -> Callable[[WidthConfig], float]:
+    """Mean PSNR of a configuration on the fixed validation batch: what the cuts and refills are chosen by."""
+    clean, noisy = search_batch(config)
+
+    @torch.inference_mode()
+    def score(widths: WidthConfig) -> float:
+        return psnr(net(noisy, widths), clean).mean().item()
+
+    return score
 
 
 def greedy_tailor(
@@ -102,14 +114,72 @@ def greedy_tailor(
     return recorded
 
 
+def greedy_refill(
+    groups: tuple[WidthGroup, ...],
+    start: WidthConfig,
+    ceiling: WidthConfig,
+    score: Callable[[WidthConfig], float],
+    cost: Callable[[WidthConfig], float],
+    limit: float,
+    on_step: Callable[[dict], None] | None = None,
+) -> WidthConfig:
+    """Give back channel steps to ``start`` while its FLOPs stay within ``limit``: the inverse of a cut.
+
+    The greedy search records the first configuration under each target, which can sit up to one cut's
+    FLOPs below it. Each step here tries widening every group by one step (never past ``ceiling``, the
+    configuration before this one) and keeps the widening that raises ``score`` most among those that cost
+    at most ``limit``; it stops when none fits or none raises ``score``.
+
+    Returns:
+        The refilled configuration (``start`` itself where nothing fits or helps).
+    """
+    current = tuple(start)
+    current_score = score(current)
+    while True:
+        candidates = []
+        for index, group in enumerate(groups):
+            if current[index] + group.step > min(group.full, ceiling[index]):
+                continue
+            wider = current[:index] + (current[index] + group.step,) + current[index + 1 :]
+            if cost(wider) <= limit:
+                candidates.append((score(wider), index, wider))
+        if not candidates:
+            return current
+        best_score, index, wider = max(candidates)
+        if best_score <= current_score:
+            return current
+        current, current_score = wider, best_score
+        if on_step:
+            on_step({"refill_group": groups[index].name, "widths": list(current), "score": current_score,
+                     "cost": cost(current)})
+
+
+def refill_configurations(net: SlimUNet, configs: list[WidthConfig], config: TailorStage, log: JsonLog,
+                          started: float) -> list[WidthConfig]:
+    """``configs[i]`` (i >= 1) refilled up to ``targets[i-1]`` of the widest's FLOPs, within ``configs[i-1]``.
+
+    Scored on the search's fixed validation batch, as the cuts are.
+    """
+    score = search_score(net, config)
+
+    def cost(widths: WidthConfig) -> float:
+        return supernet_mflops_per_pixel(net, widths)
+
+    full = cost(configs[0])
+    refilled = [configs[0]]
+    for i, (widths, target) in enumerate(zip(configs[1:], config.targets, strict=True), start=1):
+        limit = min(target * full, cost(refilled[-1]) * (1 - 1e-9))  # FLOPs must still fall strictly
+        new = greedy_refill(net.groups, widths, refilled[-1], score, cost, limit,
+                            lambda record, i=i: log.write(subnet=i, **record))
+        log.write(refilled=i, widths=list(new), fraction=cost(new) / full, was=list(widths),
+                  was_fraction=cost(widths) / full, seconds=round(time.time() - started, 1))
+        refilled.append(new)
+    return refilled
+
+
 def _search(net: SlimUNet, config: TailorStage, log: JsonLog, started: float) -> list[WidthConfig]:
     """The greedy search on the fixed validation batch, each cut logged and shown on a progress bar."""
-    clean, noisy = search_batch(config)
-
-    @torch.inference_mode()
-    def score(widths: WidthConfig) -> float:
-        return psnr(net(noisy, widths), clean).mean().item()
-
+    score = search_score(net, config)
     progress = tqdm(desc="tailor (cuts)", dynamic_ncols=True)
 
     def on_cut(record: dict) -> None:
@@ -240,6 +310,9 @@ def tailor(config: TailorStage, resume: bool = False, command: str = "") -> Path
             kept = given_configurations(net, config.configs)
         elif not config.search:
             kept = kept_configurations(checkpoint, config.supernet)
+        if config.refill and kept is not None and len(config.targets) != len(kept) - 1:
+            raise ValueError(f"refill: targets gives {len(config.targets)} FLOPs fractions for the "
+                             f"{len(kept) - 1} sub-networks after the widest; give one for each")
         save_config(config, out_dir / CONFIG_FILE)
         log = JsonLog(out_dir / "log.jsonl")
         started = time.time()
@@ -248,8 +321,10 @@ def tailor(config: TailorStage, resume: bool = False, command: str = "") -> Path
         else:
             configs = kept
             log.write(kept_configurations=[list(c) for c in configs], seconds=round(time.time() - started, 1))
+        if config.refill:
+            configs = refill_configurations(net, configs, config, log, started)
         meta = {"model": net.config.to_dict(), "configs": [list(c) for c in configs], "command": command,
-                "provenance": checkpoint.provenance}
+                "provenance": checkpoint.provenance, "refill": config.refill}
 
     val_pairs = fixed_noisy_set(config.data.val_dir, config.data.val_sigmas, config.data.val_seed,
                                 scales=config.data.val_scales)
@@ -277,6 +352,8 @@ def tailor(config: TailorStage, resume: bool = False, command: str = "") -> Path
         record |= {"targets": config.targets, "criterion": config.criterion}
     elif previous:
         record["previous"] = previous  # the run whose configurations were kept (or whose weights, with configs)
+    if meta.get("refill"):
+        record |= {"refill": True, "targets": config.targets}  # the limits the configurations were refilled to
     if config.configs:
         record["configs_given"] = True  # the configurations came from the config, not a search or the table
     if meta.get("resumes"):

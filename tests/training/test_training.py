@@ -12,13 +12,14 @@ from PIL import Image
 from skimage import data
 
 from model import load_checkpoint
+from model.flops import supernet_mflops_per_pixel
 from model.supernet import SlimUNet, SupernetConfig, WidthGroup
 from service.cli import main
 from training.config import GateStage, SupernetStage, TailorStage, apply_overrides, load_config, save_config
 from training.data import PatchSampler, fixed_noisy_set
 from training.gate import choose_shipped, smallest_within, train_gate
 from training.supernet import reconstruction_loss, sandwich_backward, train_supernet
-from training.tailor import greedy_tailor, tailor
+from training.tailor import greedy_refill, greedy_tailor, tailor
 
 TINY_MODEL = {"channels": [8, 16, 32], "enc_blocks": [1, 1], "body_blocks": 1, "dec_blocks": [1, 1],
               "steps_per_width": 4, "min_steps": 1}
@@ -151,6 +152,23 @@ def test_tailor_configs_gives_the_sub_networks_and_bad_lists_are_refused_before_
     assert checkpoint.provenance["tailor"]["configs_given"] is True
     assert "targets" not in checkpoint.provenance["tailor"]
 
+    # refill widens each sub-network after the widest towards its target, never past the one before it.
+    def mflops(widths):
+        return supernet_mflops_per_pixel(net, tuple(widths))
+
+    full, was = mflops(widest), [mflops(middle), mflops(slimmest)]
+    targets = [(was[0] + full) / 2 / full, (was[1] + was[0]) / 2 / full]
+    refilled = run("refilled", "search=false", "refill=true", f"targets={json.dumps(targets)}",
+                   f"configs={json.dumps([widest, middle, slimmest])}")
+    rows = [list(s.channels) for s in load_checkpoint(refilled).subnets]
+    assert rows[0] == widest
+    for i in (1, 2):
+        assert was[i - 1] < mflops(rows[i]) <= targets[i - 1] * full  # seeded: this run widens both
+        assert all(given <= w <= before for given, w, before in zip([middle, slimmest][i - 1], rows[i], rows[i - 1]))
+    assert load_checkpoint(refilled).provenance["tailor"]["refill"] is True
+    records = [json.loads(x) for x in (tmp_path / "refilled" / "log.jsonl").read_text().splitlines()]
+    assert [(r["refilled"], r["widths"]) for r in records if "refilled" in r] == [(1, rows[1]), (2, rows[2])]
+
     bad_width = [*middle[:-1], middle[-1] + 1]
     cases = {
         "with_search": (["search=true", f"configs={json.dumps([widest, slimmest])}"], "set search=false too"),
@@ -161,6 +179,8 @@ def test_tailor_configs_gives_the_sub_networks_and_bad_lists_are_refused_before_
         "bad_width": (["search=false", f"configs={json.dumps([widest, bad_width])}"],
                       rf"configs\[1\]: group {net.groups[-1].name}: width"),
         "short": (["search=false", f"configs={json.dumps([widest, middle[:-1]])}"], r"configs\[1\]: .*entries"),
+        "refill_targets": (["search=false", "refill=true", "targets=[0.5]",
+                            f"configs={json.dumps([widest, middle, slimmest])}"], "one for each"),
     }
     for name, (overrides, message) in cases.items():
         with pytest.raises(ValueError, match=message):
@@ -275,6 +295,28 @@ def test_tailoring_cuts_the_group_whose_cut_costs_least():
     configs = greedy_tailor(groups, (8, 8, 8), score, lambda w: float(sum(w)), [0.75, 0.5])
     # "b" goes to its minimum (2) first, then "a" (the next cheapest); "c" is never cut
     assert configs == [(8, 8, 8), (8, 2, 8), (2, 2, 8)]
+
+
+def test_refill_widens_the_group_that_gains_most_within_the_flops_and_the_configuration_before():
+    groups = tuple(WidthGroup(name, 8, 2, 2) for name in ("a", "b", "c"))
+    # Widening "c" gains 1 dB per step, "a" 0.5 and "b" 0.01; every step costs the same FLOPs.
+    gain = {0: 0.5, 1: 0.01, 2: 1.0}
+
+    def score(widths):
+        return 30.0 + sum(gain[i] * w / 2 for i, w in enumerate(widths))
+
+    def cost(widths):
+        return float(sum(widths))
+
+    steps = []
+    # Room for two steps (12 -> 16): "c" first, up to the ceiling's 6, then "a".
+    assert greedy_refill(groups, (4, 4, 4), (8, 8, 6), score, cost, 16.0, steps.append) == (6, 4, 6)
+    assert [s["refill_group"] for s in steps] == ["c", "a"]
+    assert steps[-1]["cost"] == 16.0
+    # No room: unchanged.
+    assert greedy_refill(groups, (4, 4, 4), (8, 8, 8), score, cost, 13.0) == (4, 4, 4)
+    # A widening that lowers the score is not kept, however much room is left.
+    assert greedy_refill(groups[:1], (2,), (8,), lambda w: -abs(w[0] - 4), lambda w: float(w[0]), 99.0) == (4,)
 
 
 def test_tailoring_per_flop_criterion_prefers_the_cut_that_saves_more():
