@@ -138,7 +138,7 @@ def greedy_refill(
     while True:
         candidates = []
         for index, group in enumerate(groups):
-            if current[index] + group.step > min(group.full, ceiling[index]):
+            if current[index] + group.step > ceiling[index]:  # a valid configuration, so never past full
                 continue
             wider = current[:index] + (current[index] + group.step,) + current[index + 1 :]
             if cost(wider) <= limit:
