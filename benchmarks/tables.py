@@ -1,26 +1,51 @@
-"""Print the README's result tables (markdown) from the benchmark JSONs.
+"""Print the README's result tables (markdown): the checkpoint's sub-network table and the benchmark JSONs.
 
-    .venv/bin/python benchmarks/tables.py
+    .venv/bin/python -m benchmarks.tables [--checkpoint PATH] [--results DIR]
+
+The sub-network table (widths, MFLOPs per pixel, validation PSNR) is read from the checkpoint's own metadata.
+The others are rendered from ``quality.json``, ``serve.json`` and ``val_gap.json`` in ``--results`` where
+they exist. Met or missed is judged anew against :mod:`benchmarks.targets`.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
+from benchmarks import targets
+from benchmarks.common import argument_parser
+from benchmarks.quality import check_targets
+from benchmarks.serve import check_target as check_serve_target
+from model import DEFAULT_CHECKPOINT, CheckpointError, Subnet, load_checkpoint
+
 RESULTS = Path(__file__).resolve().parent / "results"
-GATE_REPORT = Path(__file__).resolve().parent.parent / "checkpoints" / "logs" / "gate_report.json"
+
+
+def subnet_table(subnets: list[Subnet]) -> str:
+    """The checkpoint's sub-network table: MFLOPs per pixel, share of the widest's, validation PSNR, widths."""
+    sigmas = sorted({sigma for subnet in subnets for sigma in subnet.val_psnr}, key=float)
+    widest = max(subnet.mflops_per_pixel for subnet in subnets)
+    lines = ["| # | MFLOPs/px | of widest | " + " | ".join(f"val PSNR σ={s}" for s in sigmas) + " | widths |",
+             "|---|---|---|" + "---|" * len(sigmas) + "---|"]
+    for index, subnet in enumerate(subnets):
+        psnrs = " | ".join(f"{subnet.val_psnr[s]:.2f}" if s in subnet.val_psnr else "n/a" for s in sigmas)
+        lines.append(f"| {index} | {subnet.mflops_per_pixel:.3f} | {100 * subnet.mflops_per_pixel / widest:.1f}% | "
+                     f"{psnrs} | {', '.join(map(str, subnet.widths))} |")
+    return "\n".join(lines)
 
 
 def quality_table(report: dict) -> str:
+    """ddsnet's qualities, its sub-networks and the peers per sigma, then the targets, met or missed."""
     sigmas = list(report["results"])
+    speed_sigma = f"{targets.TARGET_SIGMA:g}" if f"{targets.TARGET_SIGMA:g}" in sigmas else sigmas[0]
     methods = ["auto", "fast", "best"] + sorted(m for m in report["results"][sigmas[0]] if m.startswith("subnet_"))
-    lines = ["| method | MFLOPs/px | " + " | ".join(f"PSNR σ={s}" for s in sigmas) + " | images/s (σ=25) |",
+    lines = ["| method | MFLOPs/px | " + " | ".join(f"PSNR σ={s}" for s in sigmas) + f" | images/s (σ={speed_sigma}) |",
              "|---|---|" + "---|" * len(sigmas) + "---|"]
     for method in methods:
         rows = [report["results"][s][method] for s in sigmas]
         mflops = sum(r["mflops_per_pixel"] for r in rows) / len(rows)
-        speed = report["results"].get("25", report["results"][sigmas[0]])[method]["images_per_second"]
+        speed = report["results"][speed_sigma][method]["images_per_second"]
         lines.append(f"| ddsnet {method} | {mflops:.3f} | " + " | ".join(f"{r['psnr']:.2f}" for r in rows)
                      + f" | {speed:.2f} |")
     peers = sorted({p for s in sigmas for p in report.get("peers", {}).get(s, {})})
@@ -31,41 +56,18 @@ def quality_table(report: dict) -> str:
             cells.append(f"{row['psnr']:.2f}" if row else "not run")
             if row and row.get("mflops_per_pixel"):
                 mflops = f"{row['mflops_per_pixel']:.3f}"
-            if row and s == "25":
+            if row and s == speed_sigma:
                 speed = f"{row['images_per_second']:.2f}"
         lines.append(f"| {peer} | {mflops} | " + " | ".join(cells) + f" | {speed} |")
-    histogram = {s: report["results"][s]["auto"].get("width_histogram") for s in sigmas}
+    histogram = {s: report["results"][s]["auto"].get("subnet_histogram") for s in sigmas}
     lines.append("")
     lines.append("`auto` picked sub-networks (count per index, widest first): "
                  + "; ".join(f"σ={s}: {h}" for s, h in histogram.items()))
-    if report.get("targets_sigma_25"):
-        lines.append("")
-        lines.append("| target at σ=25 | value | bar | met |")
-        lines.append("|---|---|---|---|")
-        for name, check in report["targets_sigma_25"].items():
-            lines.append(f"| {name} | {check['value']} | {check['bar']} | {'yes' if check['met'] else 'no'} |")
-    return "\n".join(lines)
-
-
-def gate_table(report: dict) -> str:
-    """The validation delta sweep of stage 3; the shipped row in bold."""
-    shipped = report["shipped"]["delta_db"]
-    lines = ["| δ (dB) | accuracy | auto PSNR | auto MFLOPs/px | oracle PSNR | oracle MFLOPs/px |",
-             "|---|---|---|---|---|---|"]
-    for row in report["delta_sweep"]:
-        delta = f"**{row['delta_db']:g} (ships)**" if row["delta_db"] == shipped else f"{row['delta_db']:g}"
-        lines.append(f"| {delta} | {row['accuracy']:.2f} | {row['auto_psnr']:.2f} | "
-                     f"{row['auto_mflops_per_pixel']:.3f} | {row['oracle_psnr']:.2f} | "
-                     f"{row['oracle_mflops_per_pixel']:.3f} |")
-    row = report["shipped"]
-    lines += ["", f"`best` {row['best_psnr']:.2f} dB at {row['best_mflops_per_pixel']:.3f} MFLOPs/px, "
-              f"`fast` {row['fast_psnr']:.2f} at {row['fast_mflops_per_pixel']:.3f}; shipped by "
-              f"`{report.get('shipped_rule', 'delta_db')}`; confusion matrix of the shipped gate (rows: label, "
-              f"columns: pick): {row['confusion_matrix_label_by_pick']}"]
-    if len(row.get("by_scale", {})) > 1:
-        lines += ["", "Shipped gate per validation view: " + "; ".join(
-            f"scale {scale}: auto {v['auto_psnr']:.2f}, best {v['best_psnr']:.2f}, fast {v['fast_psnr']:.2f} dB, "
-            f"auto {v['auto_mflops_per_pixel']:.3f} MFLOPs/px" for scale, v in row["by_scale"].items())]
+    checks = check_targets(report["results"], report.get("peers", {}))
+    if checks:
+        lines += ["", f"| target at σ={targets.TARGET_SIGMA:g} | value | bar | met |", "|---|---|---|---|"]
+        for name, check in checks.items():
+            lines.append(f"| {name} | {check['value']} | {check['bar']} | {'met' if check['met'] else 'missed'} |")
     return "\n".join(lines)
 
 
@@ -80,6 +82,7 @@ def val_gap_table(report: dict) -> str:
 
 
 def serve_table(report: dict) -> str:
+    """The raw loop and every HTTP run, then the serving target, met or missed."""
     raw = report["raw_loop"]
     lines = ["| run | concurrency | MPix/s | vs raw | p50 s | p95 s | p99 s |", "|---|---|---|---|---|---|---|",
              f"| raw model loop (no HTTP) | 1 | {raw['mpix_per_s']:.3f} | 1.00 | {raw['p50']} | {raw['p95']} | "
@@ -88,22 +91,34 @@ def serve_table(report: dict) -> str:
         name = f"HTTP, batching {'on (4 tiles)' if row['batching'] else 'off'}"
         lines.append(f"| {name} | {row['concurrency']} | {row['mpix_per_s']:.3f} | {row['vs_raw']:.2f} | "
                      f"{row['p50']} | {row['p95']} | {row['p99']} |")
+    if report["http"]:
+        target = check_serve_target(report)
+        lines += ["", f"Target {target['name']}: {target['value']} vs bar {target['bar']}, "
+                  f"{'met' if target['met'] else 'missed'}."]
     return "\n".join(lines)
 
 
 def main() -> int:
+    parser = argument_parser(__doc__)
+    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--results", default=str(RESULTS), help="folder of the benchmark JSONs")
+    args = parser.parse_args()
+    try:
+        subnets = load_checkpoint(args.checkpoint).subnets
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"### Sub-networks of {args.checkpoint} (validation PSNR from its metadata)\n")
+    print(subnet_table(subnets))
+    print()
     for name, render in (("quality.json", quality_table), ("serve.json", serve_table),
                          ("val_gap.json", val_gap_table)):
-        path = RESULTS / name
+        path = Path(args.results) / name
         if path.is_file():
             report = json.loads(path.read_text())
             print(f"### {name} (`{report['command']}`)\n")
             print(render(report))
             print()
-    if GATE_REPORT.is_file():
-        print(f"### {GATE_REPORT.name} (stage 3, validation)\n")
-        print(gate_table(json.loads(GATE_REPORT.read_text())))
-        print()
     return 0
 
 

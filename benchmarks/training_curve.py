@@ -1,56 +1,56 @@
-"""Plot stage 1's validation PSNR against training step from its JSON-lines logs.
+"""Plot stage 1's validation PSNR (widest and slimmest sub-network) against training step.
 
-    .venv/bin/python benchmarks/training_curve.py [--log LOG [LOG ...]] [--out PNG]
+    .venv/bin/python -m benchmarks.training_curve --log RUN/log.jsonl [RUN2/log.jsonl ...] [--out PNG]
 
-Several logs are runs that followed one another (a later run started from the earlier one's weights with
-``init_from``, possibly after stage-2 fine-tunes in between): their steps are laid end to end, and a dotted
-line marks where each run began.
+Reads the ``log.jsonl`` that ``ddsnet-train supernet`` writes into its ``out_dir`` (``runs/supernet`` by
+default). Several logs are runs that followed one another (a later run started from the earlier one's weights
+with ``init_from``): their steps are laid end to end, and a dotted line marks where each run began. Writes
+``benchmarks/results/supernet_curve.png`` unless told otherwise.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-LOGS = Path(__file__).resolve().parents[1] / "checkpoints" / "logs"
+from benchmarks.common import argument_parser
 
 
-def committed_logs(folder: Path = LOGS) -> list[Path]:
-    """The committed stage-1 logs in run order: ``supernet.jsonl`` (the first run), then ``supernet-N.jsonl``
-    by N."""
-    def run_number(path: Path) -> int:
-        suffix = path.stem.removeprefix("supernet").removeprefix("-")
-        return int(suffix) if suffix else 1
-
-    return sorted(folder.glob("supernet*.jsonl"), key=run_number)
+class LogError(Exception):
+    """A log that is missing or holds no validation records."""
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--log", nargs="+", default=[str(path) for path in committed_logs()],
-                        help="default: every checkpoints/logs/supernet*.jsonl, in run order")
-    parser.add_argument("--out", default="benchmarks/results/supernet_curve.png")
-    args = parser.parse_args()
-    if not args.log:
-        raise SystemExit(f"error: no supernet*.jsonl in {LOGS}; name the logs with --log")
+def read_runs(logs: list[str]) -> tuple[list[dict], list[int]]:
+    """The validation records of ``logs`` with steps laid end to end, and the step each run starts at.
+
+    Raises:
+        LogError: no logs are given, one is missing, or one has no ``val_psnr_widest`` record.
+    """
+    if not logs:
+        raise LogError("no training logs given; name each run's log.jsonl with --log (e.g. runs/supernet/log.jsonl)")
     records, starts, offset = [], [], 0
-    for log in args.log:
-        if not Path(log).is_file():
-            raise SystemExit(f"error: no log at {log}")
-        lines = Path(log).read_text().splitlines()
-        run = [json.loads(line) for line in lines if "val_psnr_widest" in line]
+    for log in logs:
+        path = Path(log)
+        if not path.is_file():
+            raise LogError(f"no log at {log}")
+        run = [json.loads(line) for line in path.read_text().splitlines() if "val_psnr_widest" in line]
         if not run:
-            raise SystemExit(f"error: no validation records in {log}")
+            raise LogError(f"no validation records (val_psnr_widest) in {log}")
         starts.append(offset)
-        records += [{**r, "step": r["step"] + offset, "run": log} for r in run]
+        records += [{**record, "step": record["step"] + offset, "run": log} for record in run]
         offset = records[-1]["step"]
-    steps = [r["step"] for r in records]
+    return records, starts
+
+
+def plot(records: list[dict], starts: list[int], out: Path) -> None:
+    """Widest and slimmest validation PSNR per sigma against step; run starts as dotted lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [record["step"] for record in records]
     figure, axis = plt.subplots(figsize=(7, 4))
     for start in starts[1:]:
         axis.axvline(start, color="grey", linestyle=":", linewidth=1)
@@ -62,8 +62,23 @@ def main() -> int:
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, ncol=2)
     figure.tight_layout()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(args.out, dpi=110)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+
+
+def main() -> int:
+    parser = argument_parser(__doc__)
+    parser.add_argument("--log", nargs="+", default=[], metavar="PATH",
+                        help="log.jsonl of each stage-1 run, in run order")
+    parser.add_argument("--out", default="benchmarks/results/supernet_curve.png")
+    args = parser.parse_args()
+    try:
+        records, starts = read_runs(args.log)
+    except LogError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    plot(records, starts, Path(args.out))
     for record in records:
         print(record["step"], record["run"], record["val_psnr_widest"], record["val_psnr_slimmest"])
     print(f"wrote {args.out}")

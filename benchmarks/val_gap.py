@@ -1,6 +1,6 @@
 """Where do we trail FFDNet? Every sub-network vs FFDNet on the validation photos, full size and downscaled.
 
-    .venv/bin/python benchmarks/val_gap.py [--checkpoint PATH] [--images DIR] [--scales 1.0 0.5]
+    .venv/bin/python -m benchmarks.val_gap [--checkpoint PATH] [--images DIR] [--scales 1.0 0.5]
 
 The quality targets are checked on the skimage test photos, which must never steer training. This runs on
 the validation photos instead (default ``../shared/data/photos/val``), at each ``--scale``: 1.0 is the
@@ -8,30 +8,24 @@ the validation photos instead (default ``../shared/data/photos/val``), at each `
 AWGN at sigma 15, 25, 50, quantised to 8 bits, with fixed seeds. FFDNet gets the true sigma.
 
 Writes ``benchmarks/results/val_gap.json``: per scale and sigma, PSNR of ``best``, ``auto``, ``fast``, every
-sub-network and FFDNet, and ``best`` minus FFDNet.
+sub-network and FFDNet, and ``best`` minus FFDNet. Each row prints whether ``best`` clears FFDNet by
+``benchmarks.targets.BEST_MIN_GAIN_OVER_FFDNET_DB`` (met or missed); the target itself is judged on the test
+photos by ``benchmarks.quality``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import shlex
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from quality import measure_ffdnet  # noqa: E402
-
-from model import Denoiser, load_checkpoint  # noqa: E402
-from training.data import fixed_noisy_set  # noqa: E402
-from training.evaluate import machine, measure_denoiser  # noqa: E402
+from benchmarks import targets
+from benchmarks.common import argument_parser, command_line, write_report
+from benchmarks.quality import measure_ffdnet
+from model import DEFAULT_CHECKPOINT, Denoiser, load_checkpoint
+from training.data import fixed_noisy_set
+from training.evaluate import machine, measure_denoiser
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="checkpoints/ddsnet-color.safetensors")
+    parser = argument_parser(__doc__)
+    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     parser.add_argument("--images", default="../shared/data/photos/val")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.5])
     parser.add_argument("--sigma", type=float, nargs="+", default=[15.0, 25.0, 50.0])
@@ -42,7 +36,7 @@ def main() -> int:
         parser.error("--scales must lie in (0, 1]")
 
     denoiser = Denoiser(load_checkpoint(args.checkpoint))
-    report = {"command": shlex.join(["python", *sys.argv]), "checkpoint": args.checkpoint, "images": args.images,
+    report = {"command": command_line(), "checkpoint": args.checkpoint, "images": args.images,
               "sigmas": args.sigma, "seed": args.seed, "machine": machine(), "scales": {}}
     for scale in args.scales:
         pairs = fixed_noisy_set(args.images, args.sigma, args.seed, scales=[scale])
@@ -54,15 +48,14 @@ def main() -> int:
             row["FFDNet"] = ffdnet[sigma]["psnr"]
             row["best - FFDNet"] = round(row["best"] - row["FFDNet"], 4)
             rows[sigma] = row
-            print(f"scale {scale:g} sigma {sigma}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()), flush=True)
+            met = row["best"] - row["FFDNet"] >= targets.BEST_MIN_GAIN_OVER_FFDNET_DB
+            print(f"scale {scale:g} sigma {sigma}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items())
+                  + f"; best >= FFDNet: {'met' if met else 'missed'}", flush=True)
         report["scales"][f"{scale:g}"] = {"sizes": sorted({tuple(c.shape[-2:]) for _, _, c, _ in pairs}),
                                           "results": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_report(args.out, report)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,6 +1,13 @@
 """ddsnet's network: the slimmable supernet, the gate, FLOPs, tiling and checkpoint I/O. Pure PyTorch."""
 
-from model.checkpoint import Checkpoint, CheckpointError, Subnet, load_checkpoint, save_checkpoint
+from model.checkpoint import (
+    DEFAULT_CHECKPOINT,
+    Checkpoint,
+    CheckpointError,
+    Subnet,
+    load_checkpoint,
+    save_checkpoint,
+)
 from model.flops import gate_macs, supernet_macs, supernet_mflops_per_pixel
 from model.gate import Gate, GateConfig
 from model.inference import Denoiser, DenoiseResult, Quality
@@ -8,6 +15,7 @@ from model.supernet import SlimUNet, SupernetConfig, WidthConfig
 from model.tiling import denoise_tiled, denoise_whole
 
 __all__ = [
+    "DEFAULT_CHECKPOINT",
     "Checkpoint",
     "CheckpointError",
     "DenoiseResult",

@@ -6,7 +6,7 @@ The header's metadata holds one key, ``ddsnet``, a JSON document:
 ```
 {"format": "ddsnet-checkpoint", "version": 1,
  "model": {SupernetConfig}, "gate": {"config": {GateConfig}, "trained": bool},
- "subnets": [{"channels": [...], "mflops_per_pixel": float, "val_psnr": {"15": dB, ...}}, ...],
+ "subnets": [{"widths": [...], "mflops_per_pixel": float, "val_psnr": {"15": dB, ...}}, ...],
  "provenance": {...}, "tensors_sha256": "..."}
 ```
 
@@ -28,6 +28,8 @@ from safetensors.torch import save_file
 from model.gate import Gate, GateConfig
 from model.supernet import SlimUNet, SupernetConfig, WidthConfig
 
+# The shipped checkpoint, relative to the repository root: the default of every command that reads one.
+DEFAULT_CHECKPOINT = "checkpoints/ddsnet-color.safetensors"
 FORMAT = "ddsnet-checkpoint"
 VERSION = 1
 METADATA_KEY = "ddsnet"
@@ -39,14 +41,15 @@ class CheckpointError(Exception):
 
 @dataclass(frozen=True)
 class Subnet:
-    """One row of the sub-network table."""
+    """One row of the sub-network table: a configuration (the channel count of every group, see
+    :meth:`SlimUNet.groups`), its cost and its validation PSNR."""
 
-    channels: WidthConfig
+    widths: WidthConfig
     mflops_per_pixel: float
     val_psnr: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"channels": list(self.channels), "mflops_per_pixel": self.mflops_per_pixel, "val_psnr": self.val_psnr}
+        return {"widths": list(self.widths), "mflops_per_pixel": self.mflops_per_pixel, "val_psnr": self.val_psnr}
 
 
 @dataclass
@@ -80,7 +83,7 @@ def save_checkpoint(
     if len(subnets) != gate.config.num_subnets:
         raise ValueError(f"{len(subnets)} sub-networks but the gate scores {gate.config.num_subnets}")
     for subnet in subnets:
-        net.validate(subnet.channels)
+        net.validate(subnet.widths)
     tensors = {f"net.{k}": v.detach().to("cpu", dtype).contiguous() for k, v in net.state_dict().items()}
     tensors |= {f"gate.{k}": v.detach().to("cpu", dtype).contiguous() for k, v in gate.state_dict().items()}
     document = {
@@ -131,7 +134,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         net = SlimUNet(SupernetConfig.from_dict(document["model"]))
         gate = Gate(GateConfig.from_dict(document["gate"]["config"]))
         subnets = [
-            Subnet(net.validate(row["channels"]), float(row["mflops_per_pixel"]), dict(row.get("val_psnr", {})))
+            # "channels": the key of this table in checkpoints written by ddsnet before 0.2.
+            Subnet(net.validate(row["widths"] if "widths" in row else row["channels"]), float(row["mflops_per_pixel"]),
+                   dict(row.get("val_psnr", {})))
             for row in document["subnets"]
         ]
     except (KeyError, TypeError, ValueError) as error:

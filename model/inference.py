@@ -75,10 +75,10 @@ class Denoiser:
     @torch.inference_mode()
     def run_windows(self, windows: torch.Tensor, index: int) -> torch.Tensor:
         """Run a batch ``(B, 3, h, w)`` of same-shape windows through sub-network ``index``."""
-        return self.net(windows.to(self.device), self.subnets[index].channels).clamp_(0, 1)
+        return self.net(windows.to(self.device), self.subnets[index].widths).clamp_(0, 1)
 
     def window_macs(self, index: int, height: int, width: int) -> int:
-        return supernet_macs(self.net, self.subnets[index].channels, height, width)
+        return supernet_macs(self.net, self.subnets[index].widths, height, width)
 
     def run(self, noisy: torch.Tensor, index: int) -> tuple[torch.Tensor, int]:
         """Denoise ``(1, 3, H, W)`` with sub-network ``index``, one tile at a time; returns (denoised, MACs)."""

@@ -1,4 +1,4 @@
-"""The ``ddsnet`` command: denoise, info, serve, and (from ``training``) train and eval."""
+"""The ``ddsnet`` command: denoise, info and serve. Training and evaluation are ``ddsnet-train``."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_CHECKPOINT = "checkpoints/ddsnet-color.safetensors"
+from model.checkpoint import DEFAULT_CHECKPOINT
+from model.tiling import DEFAULT_TILE
+
 MISSING_HELP = (
     "make one with the three training stages (see README, 'Training'): "
-    "ddsnet train supernet && ddsnet train tailor && ddsnet train gate; or pass --checkpoint PATH"
+    "ddsnet-train supernet && ddsnet-train tailor && ddsnet-train gate; or pass --checkpoint PATH"
 )
 
 
@@ -21,8 +23,6 @@ def load_denoiser(path: str, device: str = "cpu", tile: int | None = None):
 
     if not Path(path).is_file():
         raise CheckpointError(f"checkpoint not found: {path}; {MISSING_HELP}")
-    from model.tiling import DEFAULT_TILE
-
     return Denoiser(load_checkpoint(path, device), tile=tile or DEFAULT_TILE)
 
 
@@ -106,7 +106,7 @@ def run_info(args: argparse.Namespace) -> int:
     for index, row in enumerate(summary["subnets"]):
         psnrs = "  ".join(f"{row['val_psnr'][s]:8.2f}" for s in sigmas)
         print(f"{index:>2}  {row['mflops_per_pixel']:10.4f}  {100 * row['mflops_per_pixel'] / best:8.1f}%  {psnrs}")
-        print(f"    channels: {row['channels']}")
+        print(f"    widths: {row['widths']}")
     return 0
 
 
@@ -118,7 +118,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from model import Quality
-    from training.cli import add_train_parsers
 
     parser = argparse.ArgumentParser(prog="ddsnet", description="Dynamic slimmable image denoising.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -130,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="auto: the gate picks; fast: slimmest; best: widest (default: auto)")
     denoise.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     denoise.add_argument("--json", action="store_true", help="print one JSON object per image")
-    denoise.add_argument("--tile", type=int, default=512, help="tile core side in pixels (multiple of 8)")
+    denoise.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile core side in pixels (multiple of 8)")
     denoise.set_defaults(handler=run_denoise)
 
     info = commands.add_parser("info", help="print the sub-network table of a checkpoint")
@@ -143,8 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--checkpoint", default=None, help=f"default: $DDSNET_CHECKPOINT or {DEFAULT_CHECKPOINT}")
     serve.set_defaults(handler=run_serve)
-
-    add_train_parsers(commands)
     return parser
 
 

@@ -85,8 +85,8 @@ class Engine:
         self._ids = itertools.count()
         self._wakeup = asyncio.Event()
         self._scheduler: asyncio.Task | None = None
-        for width in range(len(denoiser.subnets)):
-            metrics.queue_tiles.labels(str(width)).set(0)
+        for subnet in range(len(denoiser.subnets)):
+            metrics.queue_tiles.labels(str(subnet)).set(0)
 
     def start(self) -> None:
         self._scheduler = asyncio.get_running_loop().create_task(self._schedule(), name="ddsnet-scheduler")
@@ -175,10 +175,10 @@ class Engine:
             await self._run_batch(key[0], batch)
 
     async def _run_batch(self, subnet: int, batch: list[TileWork]) -> None:
-        width = str(subnet)
+        label = str(subnet)
         started = time.perf_counter()
         for work in batch:
-            self.metrics.queue_wait_seconds.labels(width).observe(started - work.enqueued_at)
+            self.metrics.queue_wait_seconds.labels(label).observe(started - work.enqueued_at)
             if work.job.first_batch_at is None:
                 work.job.first_batch_at = started
         windows = torch.cat([work.job.image.window(work.index) for work in batch])
@@ -192,8 +192,8 @@ class Engine:
                     work.job.future.set_exception(error)
             return
         elapsed = time.perf_counter() - started
-        self.metrics.inference_seconds.labels(width).observe(elapsed)
-        self.metrics.batch_tiles.labels(width).observe(len(batch))
+        self.metrics.inference_seconds.labels(label).observe(elapsed)
+        self.metrics.batch_tiles.labels(label).observe(len(batch))
         height, window_width = windows.shape[-2:]
         macs = self.denoiser.window_macs(subnet, height, window_width)
         widest_macs = self.denoiser.window_macs(self.denoiser.best_index, height, window_width)
@@ -213,9 +213,9 @@ class Engine:
         return self.denoiser.run_windows(windows, subnet).cpu()
 
     def _finish(self, job: Job) -> None:
-        width = str(job.subnet)
+        label = str(job.subnet)
         flops = job.flops + job.gate_flops
-        self.metrics.flops.labels(width).inc(flops)
+        self.metrics.flops.labels(label).inc(flops)
         self.metrics.flops_widest.inc(job.widest_flops)
         self.metrics.pixels.inc(job.image.height * job.image.width)
         queue_seconds = (job.first_batch_at or job.enqueued_at) - job.enqueued_at

@@ -1,4 +1,4 @@
-"""Prometheus metrics. Base units, ``_total`` counters, histograms. ``width`` is the sub-network index.
+"""Prometheus metrics. Base units, ``_total`` counters, histograms. ``subnet`` is the sub-network index (0 = widest).
 
 Every app gets its own registry, so several apps (tests, or one per device) never share counters.
 """
@@ -32,20 +32,20 @@ class Metrics:
         self.requests = Counter("ddsnet_requests", "Requests answered, by quality and HTTP status.",
                                 ["quality", "status"], registry=r)
         self.request_seconds = Histogram("ddsnet_request_duration_seconds",
-                                         "Time from upload received to response, by sub-network.", ["width"],
+                                         "Time from upload received to response, by sub-network.", ["subnet"],
                                          buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait_seconds = Histogram("ddsnet_queue_wait_seconds", "Time a tile waited in its queue.",
-                                            ["width"], buckets=LATENCY_BUCKETS, registry=r)
-        self.inference_seconds = Histogram("ddsnet_inference_seconds", "Compute time of one batch.", ["width"],
+                                            ["subnet"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inference_seconds = Histogram("ddsnet_inference_seconds", "Compute time of one batch.", ["subnet"],
                                            buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_tiles = Histogram("ddsnet_batch_tiles", "Tiles per batch.", ["width"], buckets=BATCH_BUCKETS,
+        self.batch_tiles = Histogram("ddsnet_batch_tiles", "Tiles per batch.", ["subnet"], buckets=BATCH_BUCKETS,
                                      registry=r)
         self.selections = Counter("ddsnet_subnet_selections", "Sub-network chosen per request.",
-                                  ["quality", "width"], registry=r)
-        self.flops = Counter("ddsnet_flops", "FLOPs executed (network and gate).", ["width"], registry=r)
+                                  ["quality", "subnet"], registry=r)
+        self.flops = Counter("ddsnet_flops", "FLOPs executed (network and gate).", ["subnet"], registry=r)
         self.flops_widest = Counter("ddsnet_flops_widest_equivalent",
                                     "FLOPs the widest sub-network would have spent on the same work.", registry=r)
-        self.queue_tiles = Gauge("ddsnet_queue_tiles", "Tiles waiting, by sub-network.", ["width"], registry=r)
+        self.queue_tiles = Gauge("ddsnet_queue_tiles", "Tiles waiting, by sub-network.", ["subnet"], registry=r)
         self.pixels = Counter("ddsnet_pixels", "Image pixels denoised.", registry=r)
         self.in_flight = Gauge("ddsnet_requests_in_flight", "Requests being handled.", registry=r)
         self.rejections = Counter("ddsnet_rejections", "Requests refused, by reason.", ["reason"], registry=r)

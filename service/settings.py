@@ -5,13 +5,16 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.checkpoint import DEFAULT_CHECKPOINT
+from model.tiling import DEFAULT_TILE
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DDSNET_", extra="ignore")
 
-    checkpoint: str = "checkpoints/ddsnet-color.safetensors"
+    checkpoint: str = DEFAULT_CHECKPOINT
     device: str = Field("auto", description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
-    tile: int = Field(512, description="core side of a tile, pixels (a multiple of 8)")
+    tile: int = Field(DEFAULT_TILE, description="core side of a tile, pixels (a multiple of 8)")
     max_batch_tiles: int = Field(4, ge=1, description="most tiles in one batch (1 turns batching off)")
     max_wait_ms: float = Field(5.0, ge=0, description="longest a batch waits to fill up")
     max_queue_tiles: int = Field(512, ge=1, description="queued tiles over all widths before 503")

@@ -1,4 +1,4 @@
-"""``ddsnet train supernet|tailor|gate`` and ``ddsnet eval`` (also ``python -m training``)."""
+"""The ``ddsnet-train`` command (also ``python -m training``): the three training stages and ``eval``."""
 
 from __future__ import annotations
 
@@ -7,43 +7,48 @@ import shlex
 import sys
 from pathlib import Path
 
+from model.checkpoint import DEFAULT_CHECKPOINT
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 RESUMABLE = {"supernet": "state.safetensors", "tailor": "finetune_state.safetensors"}  # the state each saves
+STAGES = (
+    ("supernet", "stage 1: sandwich-rule supernet training with in-place distillation"),
+    ("tailor", "stage 2: greedy progressive channel tailoring into K sub-networks"),
+    ("gate", "stage 3: train the gate on online labels and write the final checkpoint"),
+)
 
 
-def add_train_parsers(subparsers: argparse._SubParsersAction) -> None:
-    train = subparsers.add_parser("train", help="train a stage: supernet, tailor or gate")
-    stages = train.add_subparsers(dest="stage", required=True)
-    for stage, help_text in (
-        ("supernet", "stage 1: sandwich-rule supernet training with in-place distillation"),
-        ("tailor", "stage 2: greedy progressive channel tailoring into K sub-networks"),
-        ("gate", "stage 3: train the gate on online labels and write the final checkpoint"),
-    ):
-        parser = stages.add_parser(stage, help=help_text)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddsnet-train", description="Train and evaluate ddsnet checkpoints.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for stage, help_text in STAGES:
+        stage_parser = commands.add_parser(stage, help=help_text)
         default = f"training/configs/{stage}.yaml"
         if stage in RESUMABLE:
             default += "; with --resume, the run's own out_dir/config.yaml"
-        parser.add_argument("--config", help=f"YAML config file (default: {default})")
-        parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+        stage_parser.add_argument("--config", help=f"YAML config file (default: {default})")
+        stage_parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                                  help="override a config key")
         if stage in RESUMABLE:
-            parser.add_argument("--resume", action="store_true", help=f"continue from out_dir/{RESUMABLE[stage]}")
-        parser.set_defaults(handler=run_train)
+            stage_parser.add_argument("--resume", action="store_true",
+                                      help=f"continue from out_dir/{RESUMABLE[stage]}")
+        stage_parser.set_defaults(handler=run_train, stage=stage)
 
-    evaluate = subparsers.add_parser("eval", help="measure PSNR, FLOPs and speed of every quality and sub-network")
+    evaluate = commands.add_parser("eval", help="measure PSNR, FLOPs and speed of every quality and sub-network")
     evaluate.add_argument("--images", default="skimage", help="a folder of clean images, or 'skimage'")
     evaluate.add_argument("--sigma", type=float, nargs="+", default=[15.0, 25.0, 50.0])
-    evaluate.add_argument("--checkpoint", default="checkpoints/ddsnet-color.safetensors")
+    evaluate.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     evaluate.add_argument("--json", dest="json_out", required=True, help="where to write the JSON report")
     evaluate.add_argument("--plot", help="PNG plot path (default: next to the JSON)")
-    evaluate.add_argument("--peers", default="", help="a JSON from benchmarks/quality.py whose peers to plot")
+    evaluate.add_argument("--peers", default="", help="a JSON from benchmarks.quality whose peers to plot")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.set_defaults(handler=run_eval)
+    return parser
 
 
 def run_train(args: argparse.Namespace) -> int:
     from training.config import GateStage, SupernetStage, TailorStage, load_config, resume_config
 
-    command = shlex.join(["ddsnet", *sys.argv[1:]])
     config_path = args.config or str(CONFIG_DIR / f"{args.stage}.yaml")
     stage_config = {"supernet": SupernetStage, "tailor": TailorStage, "gate": GateStage}[args.stage]
     if getattr(args, "resume", False) and args.config is None:
@@ -54,15 +59,15 @@ def run_train(args: argparse.Namespace) -> int:
     if args.stage == "supernet":
         from training.supernet import train_supernet
 
-        path = train_supernet(config, resume=args.resume, command=command)
+        path = train_supernet(config, resume=args.resume)
     elif args.stage == "tailor":
         from training.tailor import tailor
 
-        path = tailor(config, resume=args.resume, command=command)
+        path = tailor(config, resume=args.resume)
     else:
         from training.gate import train_gate
 
-        path = train_gate(config, command=command)
+        path = train_gate(config)
     print(f"wrote {path}")
     return 0
 
@@ -70,17 +75,26 @@ def run_train(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate
 
-    evaluate(args.checkpoint, args.images, args.sigma, args.json_out, args.plot, args.peers, args.seed)
+    command = shlex.join(["ddsnet-train", *args.argv])
+    evaluate(args.checkpoint, args.images, args.sigma, args.json_out, args.plot, args.peers, args.seed, command)
     print(f"wrote {args.json_out}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training")
-    add_train_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    from model import CheckpointError
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.handler(args)
-    except (FileNotFoundError, ValueError) as error:
+    except (CheckpointError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -71,6 +71,8 @@ class SupernetStage(SandwichLoss):
     stop_at: int = 0  # > 0: save and stop after this step, to be continued with --resume
     init_from: str = ""  # a ddsnet checkpoint whose supernet weights start a fresh (non --resume) run
     seed: int = 0
+    # The name of the recipe this run belongs to (e.g. "ddsnet-color"), recorded in the checkpoint's provenance.
+    recipe: str = ""
 
 
 @dataclass
@@ -105,12 +107,14 @@ class TailorStage(SandwichLoss):
     finetune_crop: int = 128
     finetune_batch: int = 8
     log_every: int = 10
-    # The fine-tune is resumable (``train tailor --resume``): its state is saved every ``save_every`` steps,
+    # The fine-tune is resumable (``ddsnet-train tailor --resume``): its state is saved every ``save_every`` steps,
     # and on stopping early after ``max_minutes`` (> 0) or at step ``stop_at`` (> 0).
     save_every: int = 100
     max_minutes: float = 0.0
     stop_at: int = 0
     seed: int = 0
+    # The name of the recipe this run belongs to (e.g. "ddsnet-color"), recorded in the checkpoint's provenance.
+    recipe: str = ""
 
 
 @dataclass
@@ -118,7 +122,8 @@ class GateStage:
     """Stage 3: gate training on online labels (smallest sub-network within ``delta_db`` of the widest)."""
 
     tailored: str = "runs/tailor/tailored.safetensors"
-    out: str = "runs/gate/ddsnet.safetensors"
+    # Writes ddsnet.safetensors (the gated checkpoint), config.yaml, log.jsonl and report.json here.
+    out_dir: str = "runs/gate"
     data: DataConfig = field(default_factory=DataConfig)
     # A number, or "auto": ship the sweep's gate with the fewest validation FLOPs among those whose
     # validation PSNR is within ``auto_max_drop_db`` of the widest's and, when set, whose validation FLOPs
@@ -136,6 +141,8 @@ class GateStage:
     log_every: int = 10
     save_dtype: str = "float32"
     seed: int = 0
+    # The name of the recipe this run belongs to (e.g. "ddsnet-color"), recorded in the checkpoint's provenance.
+    recipe: str = ""
 
 
 def _convert(value: str) -> Any:

@@ -1,11 +1,9 @@
-"""``ddsnet eval``: PSNR, FLOPs and speed of every quality and every fixed sub-network, and a plot."""
+"""``ddsnet-train eval``: PSNR, FLOPs and speed of every quality and every fixed sub-network, and a plot."""
 
 from __future__ import annotations
 
 import json
 import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -89,7 +87,7 @@ def measure_denoiser(denoiser: Denoiser, pairs: list) -> dict[str, dict[str, dic
                 "images_per_second": round(len(row["seconds"]) / float(np.sum(row["seconds"])), 4),
             }
             if "picks" in row:
-                entry["width_histogram"] = np.bincount(row["picks"], minlength=len(denoiser.subnets)).tolist()
+                entry["subnet_histogram"] = np.bincount(row["picks"], minlength=len(denoiser.subnets)).tolist()
             summary.setdefault(sigma, {})[method] = entry
     return summary
 
@@ -126,13 +124,16 @@ def plot(report: dict, path: str | Path) -> None:
 
 
 def evaluate(checkpoint: str, images: str, sigmas: list[float], json_out: str, plot_out: str | None = None,
-             peers: str = "", seed: int = 0) -> dict:
-    """Measure a checkpoint on ``images`` at ``sigmas``; write the JSON report and the plot."""
+             peers: str = "", seed: int = 0, command: str = "") -> dict:
+    """Measure a checkpoint on ``images`` at ``sigmas``; write the JSON report and the plot.
+
+    ``command`` is recorded in the report as the command line that made it.
+    """
     denoiser = Denoiser(load_checkpoint(checkpoint))
     torch.manual_seed(seed)
     pairs = noisy_pairs(images, sigmas, seed)
     report = {
-        "command": shlex.join(["ddsnet", *sys.argv[1:]]),
+        "command": command,
         "checkpoint": checkpoint,
         "images": images,
         "image_names": sorted({name for name, *_ in pairs}),

@@ -26,8 +26,12 @@ from model.gate import Gate, GateConfig
 from model.metrics import psnr
 from model.tiling import denoise_whole
 from training.common import JsonLog
-from training.config import GateStage, save_config
+from training.config import CONFIG_FILE, GateStage, save_config
 from training.data import PatchSampler, blind_noisy, fixed_noisy_set
+from training.provenance import data_digests, provenance, source_digest, stage_record
+
+GATED_FILE = "ddsnet.safetensors"
+REPORT_FILE = "report.json"
 
 
 def smallest_within(psnrs: torch.Tensor, mflops: torch.Tensor, delta: float) -> torch.Tensor:
@@ -50,14 +54,14 @@ def smallest_within(psnrs: torch.Tensor, mflops: torch.Tensor, delta: float) -> 
 @torch.inference_mode()
 def subnet_psnrs(net, subnets, noisy: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
     """``(B, K)`` PSNR of each sub-network on a batch."""
-    return torch.stack([psnr(net(noisy, s.channels), clean) for s in subnets], dim=1)
+    return torch.stack([psnr(net(noisy, s.widths), clean) for s in subnets], dim=1)
 
 
 def _validation_table(net, subnets, pairs) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Per validation pair: PSNR of every sub-network ``(N, K)`` and the noisy inputs."""
     rows = []
     for _, _, clean, noisy in tqdm(pairs, desc="gate (validation PSNRs)"):
-        rows.append(torch.stack([psnr(denoise_whole(net, noisy, s.channels), clean)[0] for s in subnets]))
+        rows.append(torch.stack([psnr(denoise_whole(net, noisy, s.widths), clean)[0] for s in subnets]))
     return torch.stack(rows), [noisy for _, _, _, noisy in pairs]
 
 
@@ -131,8 +135,12 @@ def choose_shipped(sweep: list[dict], delta_db: float | str, max_drop_db: float,
     return min(within, key=lambda r: (r["auto_mflops_per_pixel"], -r["auto_psnr"]))
 
 
-def train_gate(config: GateStage, command: str = "") -> Path:
-    """Run stage 3 on the tailored checkpoint; writes the gated checkpoint and ``gate_report.json`` beside it."""
+def train_gate(config: GateStage) -> Path:
+    """Run stage 3 on the tailored checkpoint.
+
+    Writes, in ``out_dir``: ``ddsnet.safetensors`` (the gated checkpoint), ``config.yaml`` (the effective
+    config), ``log.jsonl`` and ``report.json`` (every gate of the sweep on validation, and the one shipped).
+    """
     if config.delta_db != "auto" and not isinstance(config.delta_db, int | float):
         raise ValueError(f"delta_db must be a number of dB or 'auto', not {config.delta_db!r}")
     if config.delta_db == "auto" and not config.delta_sweep:
@@ -140,10 +148,11 @@ def train_gate(config: GateStage, command: str = "") -> Path:
     fraction = config.auto_max_flops_fraction
     if fraction is not None and not (isinstance(fraction, int | float) and 0 < fraction <= 1):
         raise ValueError(f"auto_max_flops_fraction must be in (0, 1] of the widest's FLOPs, or null, not {fraction!r}")
-    out = Path(config.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_config(config, out.parent / "gate_config.yaml")
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, out_dir / CONFIG_FILE)
     checkpoint = load_checkpoint(config.tailored)
+    data_sha256 = data_digests(config.data)
     net, subnets = checkpoint.net, checkpoint.subnets
     net.requires_grad_(False)
     mflops = torch.tensor([s.mflops_per_pixel for s in subnets])
@@ -156,7 +165,7 @@ def train_gate(config: GateStage, command: str = "") -> Path:
     sampler = PatchSampler(config.data.train_dir, seed=config.seed, scale_range=config.data.scale_range,
                            texture_candidates=config.data.texture_candidates)
     generator = torch.Generator().manual_seed(config.seed)
-    log = JsonLog(out.parent / "gate_log.jsonl")
+    log = JsonLog(out_dir / "log.jsonl")
     started = time.time()
 
     for step in tqdm(range(1, config.steps + 1), desc="gate", dynamic_ncols=True):
@@ -200,16 +209,15 @@ def train_gate(config: GateStage, command: str = "") -> Path:
             rule += f", auto_max_flops_fraction={config.auto_max_flops_fraction}"
     report = {"shipped": shipped, "shipped_rule": rule, "delta_sweep": sweep,
               "subnets": [s.to_dict() for s in subnets]}
-    (out.parent / "gate_report.json").write_text(json.dumps(report, indent=2))
+    (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
     log.write(report=shipped, seconds=round(time.time() - started, 1))
 
-    provenance = dict(checkpoint.provenance)
-    provenance["gate"] = {
-        "command": command, "train_dir": config.data.train_dir, "steps": config.steps,
-        "delta_db": shipped["delta_db"],
-        "val_accuracy": shipped["accuracy"], "seconds": round(time.time() - started, 1),
-    }
+    record = stage_record(config, steps=config.steps, seconds=time.time() - started, data=data_sha256,
+                          source_sha256=source_digest(config.tailored), delta_db=shipped["delta_db"],
+                          val_accuracy=shipped["accuracy"])
+    written = provenance(checkpoint.provenance, "gate", record, config.recipe)
     dtype = {"float32": torch.float32, "float16": torch.float16}[config.save_dtype]
     gate = gates[shipped["delta_db"]]
-    save_checkpoint(out, net, gate, subnets, gate_trained=True, provenance=provenance, dtype=dtype)
-    return out
+    path = out_dir / GATED_FILE
+    save_checkpoint(path, net, gate, subnets, gate_trained=True, provenance=written, dtype=dtype)
+    return path

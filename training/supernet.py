@@ -30,6 +30,7 @@ from training.common import (
 )
 from training.config import CONFIG_FILE, SandwichLoss, SupernetStage, save_config
 from training.data import PatchSampler, blind_noisy, fixed_noisy_set
+from training.provenance import data_digests, provenance, source_digest, stage_record
 
 STATE_FILE = "state.safetensors"
 EXPORT_FILE = "supernet.safetensors"
@@ -130,7 +131,7 @@ def export_supernet(path: Path, ema: SlimUNet, provenance: dict) -> None:
     save_checkpoint(path, ema, gate, subnets, gate_trained=False, provenance=provenance)
 
 
-def train_supernet(config: SupernetStage, resume: bool = False, command: str = "") -> Path:
+def train_supernet(config: SupernetStage, resume: bool = False) -> Path:
     """Run (or continue) stage 1; returns the exported checkpoint path."""
     check_loss(config.loss)
     check_save_every(config.save_every)
@@ -157,11 +158,13 @@ def train_supernet(config: SupernetStage, resume: bool = False, command: str = "
             raise ValueError(f"init_from {config.init_from}: its model {source.net.config} is not {net.config}")
         net.load_state_dict(source.net.state_dict())
         ema.load_state_dict(source.net.state_dict())
+    data_sha256 = data_digests(config.data)
+    init_sha256 = source_digest(config.init_from) if config.init_from and Path(config.init_from).is_file() else ""
     step, elapsed = 0, 0.0
     state_path = out_dir / STATE_FILE
     if resume:
         step, elapsed = load_state(state_path, net, ema, optimizer, sampler, generator, width_rng)
-    started, session_started = time.time() - elapsed, time.time()
+    started, this_start = time.time() - elapsed, time.time()
     widest, slimmest = net.widest(), net.slimmest()
     progress = tqdm(total=config.steps, initial=step, desc="supernet", dynamic_ncols=True)
     while step < config.steps:
@@ -196,12 +199,12 @@ def train_supernet(config: SupernetStage, resume: bool = False, command: str = "
                 step=step, val_psnr_widest=psnr_by_sigma(ema, widest, val_pairs),
                 val_psnr_slimmest=psnr_by_sigma(ema, slimmest, val_pairs), seconds=round(elapsed, 1),
             )
-        over_time = config.max_minutes > 0 and time.time() - session_started > 60 * config.max_minutes
+        over_time = config.max_minutes > 0 and time.time() - this_start > 60 * config.max_minutes
         over_time = over_time or step == config.stop_at
         if step % config.save_every == 0 or step == config.steps or over_time:
             save_state(state_path, net, ema, optimizer, step, sampler, generator, width_rng, elapsed)
-            export_supernet(out_dir / EXPORT_FILE, ema, {"stage": "supernet", "step": step, "command": command,
-                                                         "train_dir": config.data.train_dir, "seconds": elapsed})
+            record = stage_record(config, steps=step, seconds=elapsed, data=data_sha256, source_sha256=init_sha256)
+            export_supernet(out_dir / EXPORT_FILE, ema, provenance(None, "supernet", record, config.recipe))
         if over_time:
             break
     progress.close()

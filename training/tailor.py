@@ -34,6 +34,7 @@ from training.common import (
 )
 from training.config import CONFIG_FILE, TailorStage, save_config
 from training.data import PatchSampler, blind_noisy, fixed_noisy_set
+from training.provenance import data_digests, provenance, source_digest, stage_record
 from training.supernet import check_loss, check_save_every, sandwich_backward
 
 TAILORED_FILE = "tailored.safetensors"
@@ -197,8 +198,8 @@ def _search(net: SlimUNet, config: TailorStage, log: JsonLog, started: float) ->
 
 def kept_configurations(checkpoint: Checkpoint, source: str) -> list[WidthConfig]:
     """The K configurations of an already tailored checkpoint's table (``search: false``), widest first."""
-    configs = [tuple(s.channels) for s in checkpoint.subnets]
-    if "tailor" not in checkpoint.provenance or configs[0] != tuple(checkpoint.net.widest()):
+    configs = [tuple(s.widths) for s in checkpoint.subnets]
+    if "tailor" not in checkpoint.provenance.get("stages", {}) or configs[0] != tuple(checkpoint.net.widest()):
         raise ValueError(f"{source}: search=false needs a tailored checkpoint (stage 2's or stage 3's output), "
                          "whose table lists the sub-networks to keep; this one has not been through stage 2")
     return configs
@@ -279,7 +280,7 @@ def _table(net: SlimUNet, configs: list[WidthConfig], val_pairs: list, desc: str
     return subnets
 
 
-def tailor(config: TailorStage, resume: bool = False, command: str = "") -> Path:
+def tailor(config: TailorStage, resume: bool = False) -> Path:
     """Run stage 2 on the supernet checkpoint; writes the tailored checkpoint and ``table.json``.
 
     With ``finetune_steps`` the table is measured before the fine-tune too (``table_before_finetune.json``),
@@ -297,7 +298,7 @@ def tailor(config: TailorStage, resume: bool = False, command: str = "") -> Path
         net = SlimUNet(SupernetConfig.from_dict(meta["model"]))
         configs = [tuple(c) for c in meta["configs"]]
         started = time.time() - float(meta["elapsed_s"])
-        meta["resumes"] = [*meta.get("resumes", []), {"command": command, "step": int(meta["step"])}]
+        meta["resumes"] = int(meta.get("resumes", 0)) + 1
         save_config(config, out_dir / CONFIG_FILE)
         log.write(resumed_at_step=int(meta["step"]), seconds=round(time.time() - started, 1))
     else:
@@ -323,8 +324,9 @@ def tailor(config: TailorStage, resume: bool = False, command: str = "") -> Path
             log.write(kept_configurations=[list(c) for c in configs], seconds=round(time.time() - started, 1))
         if config.refill:
             configs = refill_configurations(net, configs, config, log, started)
-        meta = {"model": net.config.to_dict(), "configs": [list(c) for c in configs], "command": command,
-                "provenance": checkpoint.provenance, "refill": config.refill}
+        meta = {"model": net.config.to_dict(), "configs": [list(c) for c in configs],
+                "provenance": checkpoint.provenance, "source_sha256": source_digest(config.supernet),
+                "data_sha256": data_digests(config.data, train=config.finetune_steps > 0)}
 
     val_pairs = fixed_noisy_set(config.data.val_dir, config.data.val_sigmas, config.data.val_seed,
                                 scales=config.data.val_scales)
@@ -337,29 +339,20 @@ def tailor(config: TailorStage, resume: bool = False, command: str = "") -> Path
         if step < config.finetune_steps:
             log.write(stopped_at_step=step, seconds=round(time.time() - started, 1))
             tqdm.write(f"fine-tune stopped at step {step} of {config.finetune_steps}; continue with "
-                       f"`ddsnet train tailor --resume --set out_dir={out_dir}`")
+                       f"`ddsnet-train tailor --resume --set out_dir={out_dir}`")
             return state_path
     subnets = _table(net, configs, val_pairs, "tailor (validation)")
     table = [s.to_dict() for s in subnets]
     (out_dir / "table.json").write_text(json.dumps(table, indent=2))
     log.write(table=table, seconds=round(time.time() - started, 1))
 
-    provenance = dict(meta["provenance"])
-    previous = provenance.get("tailor")
-    record = {"command": meta["command"], "val_dir": config.data.val_dir, "search": config.search,
-              "finetune_steps": config.finetune_steps, "seconds": round(time.time() - started, 1)}
-    if config.search:  # the targets and criterion found the configurations only where a search ran
-        record |= {"targets": config.targets, "criterion": config.criterion}
-    elif previous:
-        record["previous"] = previous  # the run whose configurations were kept (or whose weights, with configs)
-    if meta.get("refill"):
-        record |= {"refill": True, "targets": config.targets}  # the limits the configurations were refilled to
-    if config.configs:
-        record["configs_given"] = True  # the configurations came from the config, not a search or the table
-    if meta.get("resumes"):
-        record["resumes"] = meta["resumes"]
-    provenance["tailor"] = record
+    # The configurations came from a search, the source's own table, or the config's ``configs`` list.
+    origin = "search" if config.search else "given" if config.configs else "kept"
+    record = stage_record(config, steps=config.finetune_steps, seconds=time.time() - started,
+                          data=meta["data_sha256"], source_sha256=meta["source_sha256"],
+                          configurations=origin, resumes=int(meta.get("resumes", 0)))
+    written = provenance(meta["provenance"], "tailor", record, config.recipe)
     gate = Gate(GateConfig(num_subnets=len(subnets)))
     path = out_dir / TAILORED_FILE
-    save_checkpoint(path, net, gate, subnets, gate_trained=False, provenance=provenance)
+    save_checkpoint(path, net, gate, subnets, gate_trained=False, provenance=written)
     return path

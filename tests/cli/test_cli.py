@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -163,7 +164,8 @@ def _png_rgb16(width: int, height: int) -> bytes:
 
 def test_missing_checkpoint_says_how_to_make_one(capsys, astronaut_png, tmp_path):
     code, _, stderr = run_cli(capsys, "denoise", str(astronaut_png), "--checkpoint", str(tmp_path / "none.st"))
-    assert code == 2 and "checkpoint not found" in stderr and "ddsnet train" in stderr
+    assert code == 2 and "checkpoint not found" in stderr
+    assert "ddsnet-train supernet && ddsnet-train tailor && ddsnet-train gate" in stderr
 
 
 def test_info_json(capsys, tiny_checkpoint):
@@ -171,14 +173,29 @@ def test_info_json(capsys, tiny_checkpoint):
     assert code == 0
     info = json.loads(stdout)
     assert len(info["subnets"]) == 3
-    assert {"channels", "mflops_per_pixel", "val_psnr"} <= set(info["subnets"][0])
+    assert {"widths", "mflops_per_pixel", "val_psnr"} <= set(info["subnets"][0])
     assert info["subnets"][0]["mflops_per_pixel"] > info["subnets"][2]["mflops_per_pixel"]
     assert info["gate_mflops_per_pixel"] > 0
 
 
 def test_info_table(capsys, tiny_checkpoint):
     code, stdout, _ = run_cli(capsys, "info", "--checkpoint", tiny_checkpoint)
-    assert code == 0 and "MFLOPs/px" in stdout and "channels:" in stdout
+    assert code == 0 and "MFLOPs/px" in stdout and "widths:" in stdout
+
+
+def test_help_lists_only_denoise_info_and_serve(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    usage = re.search(r"\{([\w,-]+)\}", capsys.readouterr().out)
+    assert usage.group(1).split(",") == ["denoise", "info", "serve"]
+
+
+def test_importing_the_cli_does_not_import_the_training_code():
+    result = subprocess.run([sys.executable, "-c", "import service.cli, sys; print('training' in sys.modules)"],
+                            capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
 
 
 def test_console_script_is_installed(tiny_checkpoint):

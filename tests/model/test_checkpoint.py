@@ -1,8 +1,10 @@
 import json
 import struct
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model import CheckpointError, Gate, GateConfig, load_checkpoint, save_checkpoint
@@ -20,7 +22,7 @@ def test_round_trip_keeps_weights_table_and_provenance(tiny_net, tmp_path):
         assert torch.equal(loaded.net.state_dict()[name], tensor)
     x = torch.rand(1, 3, 16, 16)
     with torch.no_grad():
-        assert torch.equal(loaded.net(x, subnets[1].channels), tiny_net(x, subnets[1].channels))
+        assert torch.equal(loaded.net(x, subnets[1].widths), tiny_net(x, subnets[1].widths))
         assert torch.equal(loaded.gate(x), gate(x))
 
 
@@ -86,7 +88,7 @@ def test_config_that_does_not_match_the_weights_is_refused(tiny_checkpoint, tmp_
     def widen(document):
         document["model"]["channels"] = [16, 16, 32]
         document["subnets"] = document["subnets"][:1]
-        document["subnets"][0]["channels"][0] = 16
+        document["subnets"][0]["widths"][0] = 16
         document["gate"]["config"]["num_subnets"] = 1
 
     _rewrite_metadata(tiny_checkpoint, path, widen)
@@ -99,12 +101,58 @@ def test_bad_version_and_bad_table_are_refused(tiny_checkpoint, tmp_path):
     _rewrite_metadata(tiny_checkpoint, path, lambda d: d.update(version=99))
     with pytest.raises(CheckpointError, match="version"):
         load_checkpoint(path)
-    _rewrite_metadata(tiny_checkpoint, path, lambda d: d["subnets"][0].update(channels=[1, 2, 3]))
+    _rewrite_metadata(tiny_checkpoint, path, lambda d: d["subnets"][0].update(widths=[1, 2, 3]))
     with pytest.raises(CheckpointError, match="sub-network table"):
         load_checkpoint(path)
+
+
+def test_a_table_written_with_the_former_channels_key_loads_the_same_configurations(tiny_checkpoint, tmp_path):
+    path = tmp_path / "former.safetensors"
+
+    def rename(document):
+        for row in document["subnets"]:
+            row["channels"] = row.pop("widths")
+
+    _rewrite_metadata(tiny_checkpoint, path, rename)
+    expected = [s.widths for s in load_checkpoint(tiny_checkpoint).subnets]
+    assert [s.widths for s in load_checkpoint(path).subnets] == expected
 
 
 def test_save_refuses_a_gate_of_the_wrong_size(tiny_net, tmp_path):
     with pytest.raises(ValueError):
         save_checkpoint(tmp_path / "x.safetensors", randomize(tiny_net), Gate(GateConfig(num_subnets=2)),
                         tiny_subnets(tiny_net), gate_trained=False)
+
+
+# The tensor digest of the weights that benchmarks/results/quality.json measured.
+SHIPPED_TENSORS_SHA256 = "c7ac5786f273d6888836c79a2e7747ff8f0d78d875c523e5f885fafce131b2f9"
+
+
+def test_the_shipped_checkpoint_holds_the_measured_weights_and_a_flat_provenance_without_paths():
+    from model import DEFAULT_CHECKPOINT
+    from model.checkpoint import _tensors_digest, read_metadata
+
+    root = Path(__file__).resolve().parents[2]
+    path = root / DEFAULT_CHECKPOINT
+    document = read_metadata(path)
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    assert _tensors_digest(tensors) == document["tensors_sha256"] == SHIPPED_TENSORS_SHA256
+
+    provenance = document["provenance"]
+    assert set(provenance) == {"recipe", "versions", "stages"}
+    assert provenance["recipe"] == "ddsnet-color" and (root / "training/recipes/ddsnet-color.sh").is_file()
+    assert list(provenance["stages"]) == ["supernet", "tailor", "gate"]
+
+    def strings(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield key
+                yield from strings(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from strings(value)
+        elif isinstance(node, str):
+            yield node
+
+    assert not [s for s in strings(provenance) if "/" in s or s in {"previous", "command"}]

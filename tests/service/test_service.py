@@ -189,21 +189,21 @@ def test_metrics_move_with_requests(make_client, photo):
     post(client, png_bytes(photo), quality="fast")
     post(client, b"junk")
     after = client.get("/metrics").text
-    for quality, width in (("best", "0"), ("fast", "2")):
+    for quality, subnet in (("best", "0"), ("fast", "2")):
         assert metric_value(after, "ddsnet_requests_total", quality=quality, status="200") == 1
-        assert metric_value(after, "ddsnet_subnet_selections_total", quality=quality, width=width) == 1
-        assert metric_value(after, "ddsnet_flops_total", width=width) > 0
-        assert metric_value(after, "ddsnet_batch_tiles_count", width=width) >= 1
-        assert metric_value(after, "ddsnet_request_duration_seconds_count", width=width) == 1
+        assert metric_value(after, "ddsnet_subnet_selections_total", quality=quality, subnet=subnet) == 1
+        assert metric_value(after, "ddsnet_flops_total", subnet=subnet) > 0
+        assert metric_value(after, "ddsnet_batch_tiles_count", subnet=subnet) >= 1
+        assert metric_value(after, "ddsnet_request_duration_seconds_count", subnet=subnet) == 1
     assert metric_value(after, "ddsnet_requests_total", quality="auto", status="415") == 1
     assert metric_value(after, "ddsnet_rejections_total", reason="unsupported") == 1
     assert metric_value(after, "ddsnet_pixels_total") == 2 * photo.shape[0] * photo.shape[1]
     widest = metric_value(after, "ddsnet_flops_widest_equivalent_total")
-    spent = metric_value(after, "ddsnet_flops_total", width="0") + metric_value(after, "ddsnet_flops_total", width="2")
+    spent = sum(metric_value(after, "ddsnet_flops_total", subnet=subnet) for subnet in ("0", "2"))
     assert widest > 0 and spent < 2 * widest
     assert metric_value(before, "ddsnet_pixels_total") == 0
     assert metric_value(after, "ddsnet_requests_in_flight") == 0
-    assert metric_value(after, "ddsnet_queue_tiles", width="0") == 0
+    assert metric_value(after, "ddsnet_queue_tiles", subnet="0") == 0
 
 
 def test_concurrent_mixed_requests_each_get_one_right_answer_and_batches_never_mix_widths(make_client):

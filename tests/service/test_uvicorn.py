@@ -60,7 +60,7 @@ def test_disconnected_client_tiles_are_dropped_before_they_run(live_server, phot
     time.sleep(3.5)  # past max_wait: a batch would have run by now if the tiles were still queued
     assert batches == []
     metrics = httpx.get(f"{base}/metrics").text
-    assert metric_value(metrics, "ddsnet_queue_tiles", width="0") == 0
+    assert metric_value(metrics, "ddsnet_queue_tiles", subnet="0") == 0
     assert metric_value(metrics, "ddsnet_requests_in_flight") == 0
 
     # The server is still healthy and answers the next client.

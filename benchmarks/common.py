@@ -1,0 +1,125 @@
+"""Helpers shared by the benchmarks: a served checkpoint on a free port, the command line, JSON reports."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(checkpoint: str, port: int, env: Mapping[str, str] | None = None,
+                 extra_args: Sequence[str] = ()) -> subprocess.Popen:
+    """Start ``python -m service.cli serve`` for ``checkpoint`` on 127.0.0.1:``port``; its output is discarded.
+
+    Args:
+        checkpoint: path of the checkpoint to serve.
+        port: the port to listen on (see :func:`free_port`).
+        env: variables set on top of this process's environment, e.g. ``{"DDSNET_MAX_BATCH_TILES": "1"}``.
+        extra_args: more arguments for ``serve``.
+
+    Returns:
+        The server process; stop it with :func:`stop_server`.
+    """
+    command = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+               "--checkpoint", str(checkpoint), *extra_args]
+    return subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def base_url(url_or_port: str | int) -> str:
+    """``http://127.0.0.1:PORT`` for a port, or the URL itself without a trailing slash."""
+    return f"http://127.0.0.1:{url_or_port}" if isinstance(url_or_port, int) else url_or_port.rstrip("/")
+
+
+def wait_ready(url_or_port: str | int, timeout: float = 120, server: subprocess.Popen | None = None) -> None:
+    """Poll ``/readyz`` until it answers 200.
+
+    Args:
+        url_or_port: the server's base URL, or its port on 127.0.0.1.
+        timeout: seconds to wait in all.
+        server: the server's process, if this process started it: its death ends the wait at once.
+
+    Raises:
+        RuntimeError: the server process exited (the message gives its exit status and command).
+        TimeoutError: no 200 within ``timeout`` seconds.
+    """
+    url = f"{base_url(url_or_port)}/readyz"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server is not None and server.poll() is not None:
+            command = shlex.join(str(arg) for arg in server.args)
+            raise RuntimeError(f"the server exited with status {server.returncode} before {url} answered 200; "
+                               f"run `{command}` to see why")
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout:g} s")
+
+
+def stop_server(server: subprocess.Popen, timeout: float = 30) -> None:
+    """Terminate the server and wait for it; kill it if it does not stop within ``timeout`` seconds."""
+    server.terminate()
+    try:
+        server.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+@contextmanager
+def running_server(checkpoint: str, env: Mapping[str, str] | None = None, extra_args: Sequence[str] = (),
+                   timeout: float = 120) -> Iterator[str]:
+    """Serve ``checkpoint`` on a free port for the ``with`` block; yields the base URL once it is ready."""
+    port = free_port()
+    server = start_server(checkpoint, port, env, extra_args)
+    try:
+        wait_ready(port, timeout, server)
+        yield base_url(port)
+    finally:
+        stop_server(server)
+
+
+def program() -> list[str]:
+    """The running benchmark as typed from the repository root, e.g. ``["python", "-m", "benchmarks.serve"]``."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    return ["python", "-m", spec.name] if spec is not None else ["python", sys.argv[0]]
+
+
+def command_line() -> str:
+    """The running benchmark's whole command line, for reports, e.g. ``python -m benchmarks.serve --requests 8``."""
+    return shlex.join([*program(), *sys.argv[1:]])
+
+
+def argument_parser(description: str | None) -> argparse.ArgumentParser:
+    """A parser whose help shows the ``python -m benchmarks.NAME`` usage and the module docstring as written."""
+    return argparse.ArgumentParser(prog=shlex.join(program()), description=description,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def write_report(path: str | Path, report: dict) -> Path:
+    """Write ``report`` as indented JSON (parent folders created) and print ``wrote PATH``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path

@@ -1,0 +1,19 @@
+"""The acceptance targets the benchmarks check their measurements against, in one place."""
+
+# The noise level (sigma, on the 0-255 scale) at which the quality targets are checked, on the skimage photos.
+TARGET_SIGMA = 25.0
+
+# `best` (the widest sub-network) must beat FFDNet (given the true sigma) by at least this PSNR, in dB.
+BEST_MIN_GAIN_OVER_FFDNET_DB = 0.0
+
+# `fast` (the slimmest sub-network) must beat CBM3D by at least this PSNR, in dB.
+FAST_MIN_GAIN_OVER_CBM3D_DB = 0.0
+
+# `auto` (the gate's pick) may fall at most this far below `best`'s PSNR, in dB.
+AUTO_MAX_DROP_DB = 0.05
+
+# `auto` may spend at most this fraction of `best`'s FLOPs per pixel (gate included).
+AUTO_MAX_FLOPS_FRACTION = 0.6
+
+# HTTP throughput at the highest concurrency measured must be at least this fraction of the raw model loop's.
+SERVE_MIN_FRACTION_OF_RAW = 0.9

@@ -1,0 +1,218 @@
+"""The benchmarks' shared helpers, target checks and table rendering, on synthetic numbers (no model runs)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+from benchmarks import common, quality, serve, tables, targets, training_curve
+from model import Subnet
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def quality_report(best_psnr: float = 31.5, auto_psnr: float = 31.46, auto_mflops: float = 0.25,
+                   fast_psnr: float = 31.2, ffdnet_psnr: float = 31.4, cbm3d_psnr: float = 31.1) -> dict:
+    """A quality.json with sub-networks 0 (widest, 0.5 MFLOPs/px) and 1 (slimmest), FFDNet and CBM3D at sigma 25."""
+    def row(psnr: float, mflops: float) -> dict:
+        return {"psnr": psnr, "mflops_per_pixel": mflops, "images_per_second": 1.0}
+
+    results = {"25": {"subnet_0": row(best_psnr, 0.5), "subnet_1": row(fast_psnr, 0.1), "best": row(best_psnr, 0.5),
+                      "fast": row(fast_psnr, 0.1), "auto": {**row(auto_psnr, auto_mflops), "subnet_histogram": [1, 6]}}}
+    peers = {"25": {"FFDNet": row(ffdnet_psnr, 0.43), "CBM3D": {"psnr": cbm3d_psnr, "images_per_second": 0.03}}}
+    return {"command": "python -m benchmarks.quality", "results": results, "peers": peers}
+
+
+@pytest.fixture
+def readyz_server():
+    """An HTTP server on a free port whose ``/readyz`` answers the status in ``state["status"]``."""
+    state = {"status": 200}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_response(state["status"] if self.path == "/readyz" else 404)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1], state
+    server.shutdown()
+    server.server_close()
+
+
+def test_free_port_can_be_bound():
+    port = common.free_port()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+
+
+def test_write_report_creates_parents_and_writes_json(tmp_path, capsys):
+    path = tmp_path / "nested" / "deeper" / "report.json"
+    report = {"sigma": 25, "psnr": [31.5, 31.4], "name": "σ"}
+    assert common.write_report(path, report) == path
+    text = path.read_text()
+    assert json.loads(text) == report
+    assert text.endswith("}\n") and text.startswith('{\n  "sigma"')
+    assert capsys.readouterr().out == f"wrote {path}\n"
+
+
+def test_wait_ready_returns_on_200_and_accepts_a_url(readyz_server):
+    port, _ = readyz_server
+    common.wait_ready(port, timeout=5)
+    common.wait_ready(f"http://127.0.0.1:{port}/", timeout=5)
+
+
+def test_wait_ready_times_out_while_not_ready(readyz_server):
+    port, state = readyz_server
+    state["status"] = 503
+    with pytest.raises(TimeoutError, match="readyz"):
+        common.wait_ready(port, timeout=0.5)
+
+
+def test_wait_ready_reports_a_dead_server_with_its_exit_status():
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    dead.wait(timeout=30)
+    with pytest.raises(RuntimeError, match="exited with status 3"):
+        common.wait_ready(common.free_port(), timeout=30, server=dead)
+
+
+def test_start_server_runs_the_service_cli(tmp_path):
+    """A missing checkpoint makes ``service.cli serve`` exit 2, which wait_ready reports at once."""
+    port = common.free_port()
+    server = common.start_server(str(tmp_path / "missing.safetensors"), port)
+    try:
+        assert server.args[1:3] == ["-m", "service.cli"] and server.args[0] == sys.executable
+        assert server.args[server.args.index("--port") + 1] == str(port)
+        with pytest.raises(RuntimeError, match="exited with status 2"):
+            common.wait_ready(port, timeout=60, server=server)
+    finally:
+        common.stop_server(server)
+
+
+def test_running_server_serves_a_checkpoint_and_stops_it(tiny_checkpoint):
+    with common.running_server(tiny_checkpoint, env={"DDSNET_MAX_BATCH_TILES": "1"}, timeout=120) as base:
+        assert httpx.get(f"{base}/readyz").status_code == 200
+        assert httpx.get(f"{base}/info").json()["batching"]["max_batch_tiles"] == 1
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{base}/readyz", timeout=2)
+
+
+def test_quality_targets_all_met_at_the_bars():
+    report = quality_report(best_psnr=31.5, auto_psnr=31.5 - targets.AUTO_MAX_DROP_DB,
+                            auto_mflops=0.5 * targets.AUTO_MAX_FLOPS_FRACTION,
+                            ffdnet_psnr=31.5 - targets.BEST_MIN_GAIN_OVER_FFDNET_DB,
+                            fast_psnr=31.2, cbm3d_psnr=31.2 - targets.FAST_MIN_GAIN_OVER_CBM3D_DB)
+    checks = quality.check_targets(report["results"], report["peers"])
+    assert len(checks) == 4
+    assert all(check["met"] for check in checks.values()), checks
+
+
+def test_quality_targets_each_missed_just_past_its_bar():
+    report = quality_report(best_psnr=31.5, auto_psnr=31.5 - targets.AUTO_MAX_DROP_DB - 0.001,
+                            auto_mflops=0.5 * targets.AUTO_MAX_FLOPS_FRACTION + 0.001,
+                            ffdnet_psnr=31.501 - targets.BEST_MIN_GAIN_OVER_FFDNET_DB,
+                            fast_psnr=31.2, cbm3d_psnr=31.201 - targets.FAST_MIN_GAIN_OVER_CBM3D_DB)
+    checks = quality.check_targets(report["results"], report["peers"])
+    assert not any(check["met"] for check in checks.values()), checks
+
+
+def test_quality_targets_follow_the_constants(monkeypatch):
+    report = quality_report(best_psnr=31.5, auto_psnr=31.4, auto_mflops=0.35)
+    checks = quality.check_targets(report["results"], report["peers"])
+    assert not checks["auto within 0.05 dB of best"]["met"] and not checks["auto FLOPs <= 60% of best"]["met"]
+    monkeypatch.setattr(targets, "AUTO_MAX_DROP_DB", 0.2)
+    monkeypatch.setattr(targets, "AUTO_MAX_FLOPS_FRACTION", 0.75)
+    checks = quality.check_targets(report["results"], report["peers"])
+    assert checks["auto within 0.2 dB of best"] == {"value": 31.4, "bar": 31.3, "met": True}
+    assert checks["auto FLOPs <= 75% of best"] == {"value": 0.35, "bar": 0.375, "met": True}
+    assert quality.targets_key() == "targets_sigma_25"
+
+
+def test_quality_targets_need_ffdnet_and_skip_cbm3d_when_not_run():
+    report = quality_report()
+    assert quality.check_targets(report["results"], {}) == {}
+    del report["peers"]["25"]["CBM3D"]
+    assert "fast >= CBM3D" not in quality.check_targets(report["results"], report["peers"])
+
+
+def test_serve_target_takes_the_best_run_at_the_highest_concurrency():
+    report = {"raw_loop": {"mpix_per_s": 1.0},
+              "http": [{"concurrency": 16, "mpix_per_s": 0.5}, {"concurrency": 16, "mpix_per_s": 0.95},
+                       {"concurrency": 1, "mpix_per_s": 0.2}]}
+    target = serve.check_target(report)
+    assert target["value"] == 0.95 and target["bar"] == targets.SERVE_MIN_FRACTION_OF_RAW
+    assert target["met"] is (0.95 >= targets.SERVE_MIN_FRACTION_OF_RAW)
+    report["http"][1]["mpix_per_s"] = 0.85
+    assert serve.check_target(report)["met"] is (0.85 >= targets.SERVE_MIN_FRACTION_OF_RAW)
+
+
+def test_quality_table_renders_rows_and_targets():
+    table = tables.quality_table(quality_report(auto_psnr=31.3))
+    lines = table.splitlines()
+    assert lines[0] == "| method | MFLOPs/px | PSNR σ=25 | images/s (σ=25) |"
+    assert "| ddsnet best | 0.500 | 31.50 | 1.00 |" in lines
+    assert "| CBM3D | n/a | 31.10 | 0.03 |" in lines
+    assert "| FFDNet | 0.430 | 31.40 | 1.00 |" in lines
+    assert "`auto` picked sub-networks (count per index, widest first): σ=25: [1, 6]" in lines
+    assert "| auto within 0.05 dB of best | 31.3 | 31.45 | missed |" in lines
+    assert "| best >= FFDNet | 31.5 | 31.4 | met |" in lines
+
+
+def test_subnet_table_renders_the_checkpoint_rows():
+    subnets = [Subnet((8, 16), 0.5, {"25": 31.5, "15": 34.0}), Subnet((4, 8), 0.125, {"25": 31.0, "15": 33.5})]
+    lines = tables.subnet_table(subnets).splitlines()
+    assert lines[0] == "| # | MFLOPs/px | of widest | val PSNR σ=15 | val PSNR σ=25 | widths |"
+    assert lines[3] == "| 1 | 0.125 | 25.0% | 33.50 | 31.00 | 4, 8 |"
+
+
+def test_tables_reads_the_subnet_table_from_the_checkpoint(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    common.write_report(tmp_path / "quality.json", quality_report())
+    monkeypatch.setattr(sys, "argv", ["tables", "--checkpoint", tiny_checkpoint, "--results", str(tmp_path)])
+    assert tables.main() == 0
+    out = capsys.readouterr().out
+    assert "| # | MFLOPs/px | of widest | val PSNR σ=25 | widths |" in out
+    assert "| 2 | " in out and "| 3 | " not in out
+    assert "### quality.json (`python -m benchmarks.quality`)" in out and "| ddsnet auto |" in out
+
+
+def test_tables_without_a_checkpoint_exits_1(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["tables", "--checkpoint", str(tmp_path / "missing.safetensors")])
+    assert tables.main() == 1
+    assert capsys.readouterr().err.startswith("error: checkpoint not found")
+
+
+def test_training_curve_lays_runs_end_to_end(tmp_path):
+    logs = []
+    for run, steps in enumerate(([100, 200], [50])):
+        path = tmp_path / f"run{run}" / "log.jsonl"
+        path.parent.mkdir()
+        records = [{"step": 1, "loss": 0.1}] + [{"step": s, "val_psnr_widest": {"25": 30.0},
+                                                 "val_psnr_slimmest": {"25": 29.0}} for s in steps]
+        path.write_text("".join(json.dumps(record) + "\n" for record in records))
+        logs.append(str(path))
+    records, starts = training_curve.read_runs(logs)
+    assert [record["step"] for record in records] == [100, 200, 250]
+    assert starts == [0, 200]
+
+
+@pytest.mark.parametrize("arguments", [[], ["--log", "no/such/log.jsonl"]])
+def test_training_curve_without_logs_exits_1_with_one_line(arguments, tmp_path):
+    completed = subprocess.run([sys.executable, "-m", "benchmarks.training_curve", *arguments,
+                                "--out", str(tmp_path / "curve.png")], cwd=ROOT, capture_output=True, text=True,
+                               timeout=120)
+    assert completed.returncode == 1
+    assert len(completed.stderr.splitlines()) == 1 and completed.stderr.startswith("error: ")
+    assert not (tmp_path / "curve.png").exists()
