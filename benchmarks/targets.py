@@ -17,3 +17,7 @@ AUTO_MAX_FLOPS_FRACTION = 0.6
 
 # HTTP throughput at the highest concurrency measured must be at least this fraction of the raw model loop's.
 SERVE_MIN_FRACTION_OF_RAW = 0.9
+
+# On every degradation other than AWGN (JPEG, Poisson-Gaussian, spatially variant, downscaled), `auto` must
+# reach at least FFDNet's PSNR when FFDNet is given the noise's RMS as its sigma, plus this, in dB.
+AUTO_MIN_GAIN_OVER_FFDNET_RMS_DB = 0.0

@@ -99,12 +99,15 @@ def run_info(args: argparse.Namespace) -> int:
         return 0
     print(f"checkpoint: {args.checkpoint}")
     print(f"gate: {summary['gate_mflops_per_pixel']:.5f} MFLOPs/pixel at 256x256, trained: {summary['gate_trained']}")
-    sigmas = sorted({s for row in summary["subnets"] for s in row["val_psnr"]}, key=float)
-    header = f"{'#':>2}  {'MFLOPs/px':>10}  {'% of best':>9}  " + "  ".join(f"PSNR@{s:>3}" for s in sigmas)
+    # Validation noises in table order: AWGN sigmas ("15", ...), then named degradations ("jpeg80-awgn15", ...).
+    noises = list(dict.fromkeys(key for row in summary["subnets"] for key in row["val_psnr"]))
+    columns = [f"PSNR@{key:>3}" for key in noises]
+    header = f"{'#':>2}  {'MFLOPs/px':>10}  {'% of best':>9}  " + "  ".join(columns)
     print(header)
     best = max(row["mflops_per_pixel"] for row in summary["subnets"])
     for index, row in enumerate(summary["subnets"]):
-        psnrs = "  ".join(f"{row['val_psnr'][s]:8.2f}" for s in sigmas)
+        psnrs = "  ".join(f"{row['val_psnr'].get(key, float('nan')):{len(column)}.2f}"
+                          for key, column in zip(noises, columns))
         print(f"{index:>2}  {row['mflops_per_pixel']:10.4f}  {100 * row['mflops_per_pixel'] / best:8.1f}%  {psnrs}")
         print(f"    widths: {row['widths']}")
     return 0

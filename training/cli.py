@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from model.checkpoint import DEFAULT_CHECKPOINT
+from training.degradations import EVAL_DEGRADATIONS, NON_AWGN
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 RESUMABLE = {"supernet": "state.safetensors", "tailor": "finetune_state.safetensors"}  # the state each saves
@@ -36,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="measure PSNR, FLOPs and speed of every quality and sub-network")
     evaluate.add_argument("--images", default="skimage", help="a folder of clean images, or 'skimage'")
-    evaluate.add_argument("--sigma", type=float, nargs="+", default=[15.0, 25.0, 50.0])
+    evaluate.add_argument("--sigma", type=float, nargs="+", default=[15.0, 25.0, 50.0], help="AWGN sigmas")
+    evaluate.add_argument("--degradations", nargs="*", default=list(NON_AWGN), choices=list(EVAL_DEGRADATIONS),
+                          metavar="NAME", help=f"other noises, by name (default: {' '.join(NON_AWGN)}; "
+                                               "none when given without names)")
     evaluate.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     evaluate.add_argument("--json", dest="json_out", required=True, help="where to write the JSON report")
     evaluate.add_argument("--plot", help="PNG plot path (default: next to the JSON)")
@@ -76,7 +80,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate
 
     command = shlex.join(["ddsnet-train", *args.argv])
-    evaluate(args.checkpoint, args.images, args.sigma, args.json_out, args.plot, args.peers, args.seed, command)
+    evaluate(args.checkpoint, args.images, args.sigma, args.json_out, args.plot, args.peers, args.seed, command,
+             args.degradations)
     print(f"wrote {args.json_out}")
     return 0
 

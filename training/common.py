@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from model.metrics import psnr
 from model.supernet import SlimUNet, WidthConfig
 from model.tiling import denoise_whole
-from training.data import PatchSampler
+from training.data import PatchSampler, pair_label
 
 
 class JsonLog:
@@ -40,11 +40,12 @@ def cosine_lr(step: int, total: int, peak: float, floor: float, warmup: int) -> 
 
 @torch.inference_mode()
 def psnr_by_sigma(net: SlimUNet, widths: WidthConfig, pairs: list) -> dict[str, float]:
-    """Mean PSNR per sigma (keys are sigma strings, e.g. ``"25"``) of ``net`` at ``widths`` on fixed pairs."""
+    """Mean PSNR per noise of ``net`` at ``widths`` on fixed pairs (see ``fixed_noisy_set``); the keys are
+    labels: ``"25"`` for AWGN at sigma 25, else a degradation's name."""
     sums: dict[str, list[float]] = {}
     for _, sigma, clean, noisy in pairs:
         value = psnr(denoise_whole(net, noisy, widths), clean).item()
-        sums.setdefault(f"{sigma:g}", []).append(value)
+        sums.setdefault(pair_label(sigma), []).append(value)
     return {key: round(sum(values) / len(values), 4) for key, values in sums.items()}
 
 

@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from training.degradations import DegradationConfig
+
 ConfigT = TypeVar("ConfigT")
 CONFIG_FILE = "config.yaml"  # the effective config, saved in a stage's out_dir
 
@@ -20,10 +22,14 @@ class DataConfig:
 
     train_dir: str = "../shared/data/photos/train"
     val_dir: str = "../shared/data/photos/val"
+    # AWGN's sigma range; the other kinds of noise, and how often each is drawn, are in ``degradations``.
     sigma_min: float = 0.0
     sigma_max: float = 55.0
     quantize: bool = True
+    degradations: DegradationConfig = field(default_factory=DegradationConfig)
     val_sigmas: list[float] = field(default_factory=lambda: [15.0, 25.0, 50.0])
+    # Validation inputs beyond AWGN at ``val_sigmas``: names of ``training.degradations.EVAL_DEGRADATIONS``.
+    val_degradations: list[str] = field(default_factory=list)
     val_crop: int = 256
     val_seed: int = 1234
     # Validation views per photo: 1.0 the photo itself, 0.5 downscaled to half its sides (photo-like texture).

@@ -1,8 +1,9 @@
-"""Training and validation data: any folder of clean images, blind AWGN, fixed-seed validation noise."""
+"""Training and validation data: any folder of clean images, training noise, fixed-seed validation noise."""
 
 from __future__ import annotations
 
 import random
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from PIL import Image, ImageOps
 
 from model.metrics import add_noise
+from training.degradations import apply, degrade, eval_degradation
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 
@@ -95,10 +97,11 @@ class PatchSampler:
         self.rng.setstate(state)
 
 
-def blind_noisy(clean: torch.Tensor, sigma_min: float, sigma_max: float, quantize: bool, generator: torch.Generator):
-    """Per-image sigma drawn uniformly from ``[sigma_min, sigma_max]``; returns ``(noisy, sigmas)``."""
-    sigmas = torch.empty(clean.shape[0], 1, 1, 1).uniform_(sigma_min, sigma_max, generator=generator)
-    return add_noise(clean, sigmas, generator, quantize), sigmas.flatten()
+def noisy_batch(clean: torch.Tensor, data, generator: torch.Generator, rng: random.Random) -> torch.Tensor:
+    """A training batch's noisy inputs under ``data`` (a ``DataConfig``): AWGN over ``[sigma_min, sigma_max]``
+    and the kinds of ``data.degradations``. ``rng`` picks the kinds (pass the crop sampler's, so that a
+    resumed run draws the same); with AWGN alone it is not used."""
+    return degrade(clean, data.degradations, (data.sigma_min, data.sigma_max), data.quantize, generator, rng)
 
 
 def center_crop(image: torch.Tensor, crop: int) -> torch.Tensor:
@@ -118,13 +121,18 @@ def downscale(image: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def fixed_noisy_set(
-    folder: str | Path, sigmas: list[float], seed: int, crop: int | None = None, scales: Sequence[float] = (1.0,)
-) -> list[tuple[str, float, torch.Tensor, torch.Tensor]]:
-    """Validation pairs ``(name, sigma, clean, noisy)``, each ``(1, 3, H, W)``, with reproducible noise.
+    folder: str | Path, sigmas: list[float], seed: int, crop: int | None = None, scales: Sequence[float] = (1.0,),
+    degradations: Sequence[str] = (),
+) -> list[tuple[str, float | str, torch.Tensor, torch.Tensor]]:
+    """Validation pairs ``(name, key, clean, noisy)``, each ``(1, 3, H, W)``, with reproducible noise.
 
-    Each image is used at every one of ``scales`` (``0.5``: downscaled to half its sides, so a 1024-pixel
-    wallpaper has the texture density of a 512-pixel photo); names other than scale 1's get ``@scale``.
+    The key is the sigma (a float) for AWGN at each of ``sigmas``, then the name of each of
+    ``degradations`` (see ``training.degradations.EVAL_DEGRADATIONS``); :func:`pair_label` makes either a
+    label. Each image is used at every one of ``scales`` (``0.5``: downscaled to half its sides, so a
+    1024-pixel wallpaper has the texture density of a 512-pixel photo); names other than scale 1's get
+    ``@scale``.
     """
+    named = [(name, *eval_degradation(name)) for name in degradations]
     if any(not 0 < scale <= 1 for scale in scales):
         raise ValueError(f"validation scales must lie in (0, 1], got {list(scales)}")
     pairs = []
@@ -138,4 +146,17 @@ def fixed_noisy_set(
             for sigma in sigmas:
                 generator = torch.Generator().manual_seed(seed + 1000 * index + int(sigma * 10))
                 pairs.append((name, float(sigma), clean, add_noise(clean, sigma, generator, quantize=True)))
+            for key, kind, params in named:
+                generator = torch.Generator().manual_seed(seed + 1000 * index + zlib.crc32(key.encode()) % 997)
+                pairs.append((name, key, clean, apply(kind, clean[0], params, generator)[None]))
     return pairs
+
+
+def pair_label(key: float | str) -> str:
+    """A validation pair's key as a label: ``"25"`` for AWGN at sigma 25, else the degradation's name."""
+    return f"{key:g}" if isinstance(key, int | float) else key
+
+
+def pair_scale(name: str) -> float:
+    """The view scale a validation pair's name carries (``photo.png@0.5`` -> 0.5; no suffix -> 1)."""
+    return float(name.rpartition("@")[2]) if "@" in name else 1.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ import torch
 from model.checkpoint import load_checkpoint
 from model.inference import Denoiser
 from model.metrics import add_noise, psnr
-from training.data import list_images, load_rgb
+from training.data import list_images, load_rgb, pair_label
+from training.degradations import EVAL_DEGRADATIONS, apply, eval_degradation, noise_rms
 
 # scikit-image's bundled colour photographs (no download needed); synthetic and medical images left out.
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
@@ -34,13 +36,25 @@ def load_clean_images(images: str) -> list[tuple[str, torch.Tensor]]:
     return [(path.stem, load_rgb(path).float()[None] / 255) for path in list_images(images)]
 
 
-def noisy_pairs(images: str, sigmas: list[float], seed: int) -> list[tuple[str, float, torch.Tensor, torch.Tensor]]:
-    """Fixed-seed, 8-bit-quantised noisy versions of every image at every sigma."""
+Pair = tuple[str, float | str, torch.Tensor, torch.Tensor]
+
+
+def noisy_pairs(images: str, sigmas: list[float], seed: int, degradations: tuple[str, ...] | list[str] = (),
+                ) -> list[Pair]:
+    """Fixed-seed, 8-bit noisy versions of every image: AWGN at every sigma, then every named degradation.
+
+    Returns ``(image name, key, clean, noisy)``: the key is the sigma (a float) or the degradation's name
+    (see ``training.degradations.EVAL_DEGRADATIONS``).
+    """
+    named = [(name, *eval_degradation(name)) for name in degradations]
     pairs = []
     for index, (name, clean) in enumerate(load_clean_images(images)):
         for sigma in sigmas:
             generator = torch.Generator().manual_seed(seed + 1000 * index + int(10 * sigma))
             pairs.append((name, float(sigma), clean, add_noise(clean, sigma, generator, quantize=True)))
+        for key, kind, params in named:
+            generator = torch.Generator().manual_seed(seed + 1000 * index + zlib.crc32(key.encode()) % 997)
+            pairs.append((name, key, clean, apply(kind, clean[0], params, generator)[None]))
     return pairs
 
 
@@ -51,13 +65,21 @@ def machine() -> dict:
 
 @torch.inference_mode()
 def measure_denoiser(denoiser: Denoiser, pairs: list) -> dict[str, dict[str, dict]]:
-    """Per sigma and method (``auto``, ``fast``, ``best``, ``subnet_k``): PSNR, MFLOPs/pixel, images/s.
+    """Per noise and method (``auto``, ``fast``, ``best``, ``subnet_k``): PSNR, MFLOPs/pixel, images/s.
+
+    Noises are labelled as :func:`training.data.pair_label` does (``"25"``, ``"jpeg80-awgn15"``); each
+    also gets ``noisy`` (the input's PSNR and its noise RMS on the 0-255 scale).
 
     Every sub-network runs on every image once; ``auto`` is the gate's pick among those runs, its time the
     gate's time plus that run's, and its FLOPs the gate's plus that run's.
     """
     rows: dict[str, dict[str, list]] = {}
-    for _, sigma, clean, noisy in pairs:
+    inputs: dict[str, dict[str, list]] = {}
+    for _, key, clean, noisy in pairs:
+        sigma = pair_label(key)
+        row = inputs.setdefault(sigma, {"psnr": [], "noise_rms": []})
+        row["psnr"].append(psnr(noisy, clean).item())
+        row["noise_rms"].append(noise_rms(noisy, clean))
         pixels = clean.shape[-1] * clean.shape[-2]
         runs = []
         for index in range(len(denoiser.subnets)):
@@ -73,11 +95,11 @@ def measure_denoiser(denoiser: Denoiser, pairs: list) -> dict[str, dict[str, dic
         per_method["fast"] = runs[denoiser.fast_index]
         per_method["auto"] = (psnr_auto, mflops_auto + 2 * gate_macs / pixels / 1e6, seconds_auto + gate_seconds)
         for method, (value, mflops, seconds) in per_method.items():
-            row = rows.setdefault(f"{sigma:g}", {}).setdefault(method, {"psnr": [], "mflops": [], "seconds": []})
+            row = rows.setdefault(sigma, {}).setdefault(method, {"psnr": [], "mflops": [], "seconds": []})
             row["psnr"].append(value)
             row["mflops"].append(mflops)
             row["seconds"].append(seconds)
-        rows[f"{sigma:g}"]["auto"].setdefault("picks", []).append(pick)
+        rows[sigma]["auto"].setdefault("picks", []).append(pick)
     summary: dict[str, dict[str, dict]] = {}
     for sigma, methods in rows.items():
         for method, row in methods.items():
@@ -89,6 +111,7 @@ def measure_denoiser(denoiser: Denoiser, pairs: list) -> dict[str, dict[str, dic
             if "picks" in row:
                 entry["subnet_histogram"] = np.bincount(row["picks"], minlength=len(denoiser.subnets)).tolist()
             summary.setdefault(sigma, {})[method] = entry
+        summary[sigma]["noisy"] = {name: round(float(np.mean(values)), 4) for name, values in inputs[sigma].items()}
     return summary
 
 
@@ -113,7 +136,7 @@ def plot(report: dict, path: str | Path) -> None:
                 axis.plot(result["mflops_per_pixel"] * 1000, result["psnr"], "s", label=peer)
             else:
                 axis.axhline(result["psnr"], linestyle="--", color="gray", label=f"{peer} (FLOPs not counted)")
-        axis.set_title(f"sigma = {sigma}")
+        axis.set_title(f"sigma = {sigma}" if sigma.replace(".", "").isdigit() else sigma)
         axis.set_xlabel("GFLOPs per megapixel")
         axis.set_ylabel("PSNR (dB)")
         axis.grid(alpha=0.3)
@@ -124,20 +147,22 @@ def plot(report: dict, path: str | Path) -> None:
 
 
 def evaluate(checkpoint: str, images: str, sigmas: list[float], json_out: str, plot_out: str | None = None,
-             peers: str = "", seed: int = 0, command: str = "") -> dict:
-    """Measure a checkpoint on ``images`` at ``sigmas``; write the JSON report and the plot.
+             peers: str = "", seed: int = 0, command: str = "", degradations: list[str] | None = None) -> dict:
+    """Measure a checkpoint on ``images`` under AWGN at ``sigmas`` and each of ``degradations`` (names of
+    ``EVAL_DEGRADATIONS``); write the JSON report and the plot.
 
     ``command`` is recorded in the report as the command line that made it.
     """
     denoiser = Denoiser(load_checkpoint(checkpoint))
     torch.manual_seed(seed)
-    pairs = noisy_pairs(images, sigmas, seed)
+    pairs = noisy_pairs(images, sigmas, seed, degradations or [])
     report = {
         "command": command,
         "checkpoint": checkpoint,
         "images": images,
         "image_names": sorted({name for name, *_ in pairs}),
         "sigmas": sigmas,
+        "degradations": {name: EVAL_DEGRADATIONS[name] for name in degradations or []},
         "seed": seed,
         "machine": machine(),
         "subnets": [s.to_dict() for s in denoiser.subnets],

@@ -27,7 +27,7 @@ from model.metrics import psnr
 from model.tiling import denoise_whole
 from training.common import JsonLog
 from training.config import CONFIG_FILE, GateStage, save_config
-from training.data import PatchSampler, blind_noisy, fixed_noisy_set
+from training.data import PatchSampler, fixed_noisy_set, noisy_batch, pair_label, pair_scale
 from training.provenance import data_digests, provenance, source_digest, stage_record
 
 GATED_FILE = "ddsnet.safetensors"
@@ -68,7 +68,7 @@ def _validation_table(net, subnets, pairs) -> tuple[torch.Tensor, list[torch.Ten
 def _report(gate: Gate, table: torch.Tensor, noisies: list, mflops: torch.Tensor, delta: float, sigmas,
             scales) -> dict:
     """Accuracy, confusion matrix, and auto/best/fast PSNR and FLOPs on the validation pairs, overall, per
-    sigma and per view scale."""
+    noise (``sigmas``: labels such as ``"25"`` or ``"jpeg80-awgn15"``) and per view scale (labels)."""
     gate.eval()
     with torch.inference_mode():
         picks = torch.tensor([int(gate(noisy).argmax()) for noisy in noisies])
@@ -82,11 +82,11 @@ def _report(gate: Gate, table: torch.Tensor, noisies: list, mflops: torch.Tensor
     best, fast = int(mflops.argmax()), int(mflops.argmin())
     auto_psnr = table[rows, picks]
 
-    def breakdown(keys: list) -> dict:
+    def breakdown(keys: list[str]) -> dict:
         groups = {}
-        for key in sorted(set(keys)):
+        for key in dict.fromkeys(keys):  # in order of first appearance
             mask = torch.tensor([x == key for x in keys])
-            groups[f"{key:g}"] = {
+            groups[key] = {
                 "auto_psnr": round(auto_psnr[mask].mean().item(), 4),
                 "best_psnr": round(table[mask, best].mean().item(), 4),
                 "fast_psnr": round(table[mask, fast].mean().item(), 4),
@@ -171,7 +171,7 @@ def train_gate(config: GateStage) -> Path:
     for step in tqdm(range(1, config.steps + 1), desc="gate", dynamic_ncols=True):
         lr = config.lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / config.steps))
         clean = sampler.sample(config.batch_size, config.crop)
-        noisy, _ = blind_noisy(clean, config.data.sigma_min, config.data.sigma_max, config.data.quantize, generator)
+        noisy = noisy_batch(clean, config.data, generator, sampler.rng)
         psnrs = subnet_psnrs(net, subnets, noisy, clean)
         record = {"step": step, "lr": round(lr, 6)}
         for delta, gate in gates.items():
@@ -194,12 +194,10 @@ def train_gate(config: GateStage) -> Path:
             log.write(**record, seconds=round(time.time() - started, 1))
 
     pairs = fixed_noisy_set(config.data.val_dir, config.data.val_sigmas, config.data.val_seed,
-                            scales=config.data.val_scales)
+                            scales=config.data.val_scales, degradations=config.data.val_degradations)
     table, noisies = _validation_table(net, subnets, pairs)
-    sigmas = [sigma for _, sigma, _, _ in pairs]
-    # fixed_noisy_set's order: per photo, per scale, per sigma.
-    scales = [scale for _ in range(len(pairs) // len(config.data.val_scales) // len(config.data.val_sigmas))
-              for scale in config.data.val_scales for _ in config.data.val_sigmas]
+    sigmas = [pair_label(key) for _, key, _, _ in pairs]
+    scales = [f"{pair_scale(name):g}" for name, _, _, _ in pairs]
     sweep = [_report(gate, table, noisies, mflops, delta, sigmas, scales) for delta, gate in gates.items()]
     shipped = choose_shipped(sweep, config.delta_db, config.auto_max_drop_db, config.auto_max_flops_fraction)
     rule = f"delta_db={config.delta_db}"

@@ -29,7 +29,7 @@ from training.common import (
     save_train_state,
 )
 from training.config import CONFIG_FILE, SandwichLoss, SupernetStage, save_config
-from training.data import PatchSampler, blind_noisy, fixed_noisy_set
+from training.data import PatchSampler, fixed_noisy_set, noisy_batch
 from training.provenance import data_digests, provenance, source_digest, stage_record
 
 STATE_FILE = "state.safetensors"
@@ -149,7 +149,7 @@ def train_supernet(config: SupernetStage, resume: bool = False) -> Path:
     generator = torch.Generator().manual_seed(config.seed)
     width_rng = random.Random(config.seed + 1)
     val_pairs = fixed_noisy_set(config.data.val_dir, config.data.val_sigmas, config.data.val_seed, config.data.val_crop,
-                                scales=config.data.val_scales)
+                                scales=config.data.val_scales, degradations=config.data.val_degradations)
     log = JsonLog(out_dir / "log.jsonl")
 
     if config.init_from and not resume:
@@ -173,7 +173,7 @@ def train_supernet(config: SupernetStage, resume: bool = False) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = lr
         clean = sampler.sample(batch, crop)
-        noisy, _ = blind_noisy(clean, config.data.sigma_min, config.data.sigma_max, config.data.quantize, generator)
+        noisy = noisy_batch(clean, config.data, generator, sampler.rng)
 
         optimizer.zero_grad(set_to_none=True)
         members = [slimmest] + [net.random_widths(width_rng) for _ in range(config.random_widths)]

@@ -33,7 +33,7 @@ from training.common import (
     save_train_state,
 )
 from training.config import CONFIG_FILE, TailorStage, save_config
-from training.data import PatchSampler, blind_noisy, fixed_noisy_set
+from training.data import PatchSampler, fixed_noisy_set, noisy_batch
 from training.provenance import data_digests, provenance, source_digest, stage_record
 from training.supernet import check_loss, check_save_every, sandwich_backward
 
@@ -250,7 +250,7 @@ def finetune(net: SlimUNet, configs: list[WidthConfig], config: TailorStage, log
         for group in optimizer.param_groups:
             group["lr"] = lr
         clean = sampler.sample(config.finetune_batch, config.finetune_crop)
-        noisy, _ = blind_noisy(clean, data.sigma_min, data.sigma_max, data.quantize, generator)
+        noisy = noisy_batch(clean, data, generator, sampler.rng)
         optimizer.zero_grad(set_to_none=True)
         loss_widest, member_losses = sandwich_backward(net, noisy, clean, members, config)
         optimizer.step()
@@ -329,7 +329,7 @@ def tailor(config: TailorStage, resume: bool = False) -> Path:
                 "data_sha256": data_digests(config.data, train=config.finetune_steps > 0)}
 
     val_pairs = fixed_noisy_set(config.data.val_dir, config.data.val_sigmas, config.data.val_seed,
-                                scales=config.data.val_scales)
+                                scales=config.data.val_scales, degradations=config.data.val_degradations)
     if config.finetune_steps > 0:
         if not resume:
             before = [s.to_dict() for s in _table(net, configs, val_pairs, "tailor (validation, before fine-tune)")]

@@ -81,8 +81,8 @@ def eval_images(tmp_path_factory) -> Path:
 
 def test_eval_writes_a_report_of_every_quality_and_sub_network(eval_images, tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "report" / "eval.json"
-    argv = ["eval", "--images", str(eval_images), "--sigma", "25", "--checkpoint", tiny_checkpoint,
-            "--json", str(out)]
+    argv = ["eval", "--images", str(eval_images), "--sigma", "25", "--degradations", "jpeg80-awgn15",
+            "--checkpoint", tiny_checkpoint, "--json", str(out)]
     assert main(argv) == 0
     assert capsys.readouterr().out.strip() == f"wrote {out}"
     report = json.loads(out.read_text())
@@ -90,8 +90,14 @@ def test_eval_writes_a_report_of_every_quality_and_sub_network(eval_images, tiny
     assert report["image_names"] == ["astronaut", "coffee"] and report["sigmas"] == [25.0]
     assert len(report["subnets"]) == 3 and {"widths", "mflops_per_pixel"} <= set(report["subnets"][0])
     results = report["results"]
-    assert list(results) == ["25"]
-    methods = results["25"]
+    assert list(results) == ["25", "jpeg80-awgn15"]
+    assert report["degradations"] == {"jpeg80-awgn15": ["jpeg", {"sigma": 15.0, "quality": 80}]}
+    # The inputs: AWGN's RMS is its sigma, less what clipping to [0, 255] cuts off in the saturated parts of
+    # these photos; JPEG removes part of the noise it compresses.
+    assert 18 < results["25"]["noisy"]["noise_rms"] <= 25.5
+    assert 5 < results["jpeg80-awgn15"]["noisy"]["noise_rms"] < 15
+    assert set(results["jpeg80-awgn15"]) == set(results["25"])
+    methods = {method: row for method, row in results["25"].items() if method != "noisy"}
     assert set(methods) == {"auto", "fast", "best", "subnet_0", "subnet_1", "subnet_2"}
     for method, row in methods.items():
         assert math.isfinite(row["psnr"]) and row["psnr"] > 0, method

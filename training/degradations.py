@@ -1,0 +1,236 @@
+"""The noise that photos people send carry: one degradation pipeline for training, validation and evaluation.
+
+Five kinds, each applied to clean ``(B, 3, H, W)`` images in [0, 1] and ending in 8-bit quantisation:
+
+- ``awgn``: additive white Gaussian noise, σ uniform in the data's ``[sigma_min, sigma_max]`` (0-255 scale).
+- ``poisson_gaussian``: shot noise of a sensor that counts ``photons`` at white, plus Gaussian read noise
+  of σ in ``read_sigma``; the noise grows with brightness.
+- ``variant``: AWGN whose σ ramps linearly across the image, in a random direction, between two values
+  drawn from ``variant_sigma``.
+- ``jpeg``: AWGN of σ in ``jpeg_sigma``, then JPEG compression at a quality in ``jpeg_quality``, as a phone
+  or an upload form would store it. The noise comes out spatially correlated and blocky.
+- ``downscale``: AWGN of σ in ``downscale_sigma`` on the image at ``1 / factor`` of its size, then an area
+  downscale by ``factor`` (in ``downscale_factor``), as when a noisy photo is resized before it is sent.
+  Downscaling is linear, so this equals adding the downscaled noise field to the clean image.
+
+``mix`` weighs the kinds; the default, AWGN alone, draws exactly the noise that :func:`blind_noisy` draws.
+Without quantisation (``quantize: false``) only AWGN is allowed: every other kind models an 8-bit file.
+:data:`EVAL_DEGRADATIONS` are fixed settings of each kind for validation and evaluation.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from model.metrics import add_noise
+
+KINDS = ("awgn", "poisson_gaussian", "variant", "jpeg", "downscale")
+
+
+@dataclass
+class DegradationConfig:
+    """Which degradations training draws, how often, and over which ranges (σ on the 0-255 scale)."""
+
+    mix: dict[str, float] = field(default_factory=lambda: {"awgn": 1.0})
+    photons: list[float] = field(default_factory=lambda: [20.0, 400.0])
+    read_sigma: list[float] = field(default_factory=lambda: [0.0, 10.0])
+    variant_sigma: list[float] = field(default_factory=lambda: [0.0, 55.0])
+    jpeg_sigma: list[float] = field(default_factory=lambda: [3.0, 30.0])
+    jpeg_quality: list[int] = field(default_factory=lambda: [60, 95])
+    downscale_sigma: list[float] = field(default_factory=lambda: [5.0, 55.0])
+    downscale_factor: list[float] = field(default_factory=lambda: [0.5, 0.9])
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.mix) - set(KINDS))
+        if unknown:
+            raise ValueError(f"unknown degradation(s) {', '.join(unknown)}; the kinds are {', '.join(KINDS)}")
+        if not self.mix or any(not (isinstance(w, int | float) and w >= 0) for w in self.mix.values()) \
+                or sum(self.mix.values()) <= 0:
+            raise ValueError(f"mix needs non-negative weights with a positive sum, got {self.mix}")
+        for name in ("photons", "read_sigma", "variant_sigma", "jpeg_sigma", "jpeg_quality",
+                     "downscale_sigma", "downscale_factor"):
+            low, high = _range(self, name)
+            if low < 0 or low > high:
+                raise ValueError(f"{name} must be [low, high] with 0 <= low <= high, got {getattr(self, name)}")
+        if _range(self, "photons")[0] <= 0:
+            raise ValueError("photons must be positive")
+        if not 1 <= _range(self, "jpeg_quality")[0] <= _range(self, "jpeg_quality")[1] <= 100:
+            raise ValueError(f"jpeg_quality must lie in [1, 100], got {self.jpeg_quality}")
+        if not 0 < _range(self, "downscale_factor")[0] <= _range(self, "downscale_factor")[1] <= 1:
+            raise ValueError(f"downscale_factor must lie in (0, 1], got {self.downscale_factor}")
+
+    @property
+    def awgn_only(self) -> bool:
+        return all(weight == 0 for kind, weight in self.mix.items() if kind != "awgn")
+
+
+def _range(config: DegradationConfig, name: str) -> tuple[float, float]:
+    value = getattr(config, name)
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise ValueError(f"{name} must be a [low, high] pair, got {value!r}")
+    return float(value[0]), float(value[1])
+
+
+def quantize(image: torch.Tensor) -> torch.Tensor:
+    """Round and clip to 8 bits, as an image file stores it."""
+    return (image * 255).round().clamp(0, 255) / 255
+
+
+def awgn(clean: torch.Tensor, sigma: float | torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``clean`` plus Gaussian noise of σ ``sigma`` (0-255 scale, a number or a broadcastable tensor)."""
+    noise = torch.randn(clean.shape, generator=generator, dtype=clean.dtype)
+    return clean + noise * (torch.as_tensor(sigma, dtype=clean.dtype) / 255.0)
+
+
+def poisson_gaussian(clean: torch.Tensor, photons: float, read_sigma: float,
+                     generator: torch.Generator) -> torch.Tensor:
+    """Shot noise of a sensor counting ``photons`` at white, plus read noise of σ ``read_sigma`` (0-255)."""
+    counts = torch.poisson(clean.clamp_min(0) * photons, generator=generator)
+    return awgn(counts / photons, read_sigma, generator)
+
+
+def ramp(height: int, width: int, low: float, high: float, angle: float) -> torch.Tensor:
+    """``(1, H, W)`` σ map rising linearly from ``low`` to ``high`` across the image along ``angle`` (rad)."""
+    ys = torch.linspace(-1, 1, height)[:, None]
+    xs = torch.linspace(-1, 1, width)[None, :]
+    along = xs * math.cos(angle) + ys * math.sin(angle)
+    along = (along - along.min()) / (along.max() - along.min()).clamp_min(1e-12)
+    return (low + (high - low) * along)[None]
+
+
+def jpeg(image: torch.Tensor, quality: int) -> torch.Tensor:
+    """``(3, H, W)`` in [0, 1] through an 8-bit JPEG at ``quality`` (Pillow's default 4:2:0 chroma)."""
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=int(quality))
+    buffer.seek(0)
+    with Image.open(buffer) as decoded:
+        return torch.from_numpy(np.asarray(decoded.convert("RGB")).copy()).permute(2, 0, 1).float() / 255
+
+
+def downscaled_noise(clean: torch.Tensor, sigma: float, factor: float, generator: torch.Generator) -> torch.Tensor:
+    """``clean`` (an already downscaled image) plus AWGN of σ ``sigma`` drawn at ``1 / factor`` of its size
+    and area-downscaled with it."""
+    height, width = clean.shape[-2:]
+    big = (max(height, round(height / factor)), max(width, round(width / factor)))
+    noise = torch.randn((*clean.shape[:-2], *big), generator=generator, dtype=clean.dtype) * (sigma / 255.0)
+    small = F.interpolate(noise.reshape(-1, 1, *big), size=(height, width), mode="area").reshape(clean.shape)
+    return clean + small
+
+
+def apply(kind: str, clean: torch.Tensor, params: dict, generator: torch.Generator) -> torch.Tensor:
+    """One image ``(3, H, W)`` through one degradation with fixed ``params``; quantised to 8 bits.
+
+    ``params`` per kind: awgn ``sigma``; poisson_gaussian ``photons``, ``read_sigma``; variant ``low``,
+    ``high``, ``angle``; jpeg ``sigma``, ``quality``; downscale ``sigma``, ``factor``.
+    """
+    if kind == "awgn":
+        return quantize(awgn(clean, params["sigma"], generator))
+    if kind == "poisson_gaussian":
+        return quantize(poisson_gaussian(clean, params["photons"], params["read_sigma"], generator))
+    if kind == "variant":
+        sigma = ramp(*clean.shape[-2:], params["low"], params["high"], params["angle"])
+        return quantize(awgn(clean, sigma, generator))
+    if kind == "jpeg":
+        return jpeg(quantize(awgn(clean, params["sigma"], generator)), params["quality"])
+    if kind == "downscale":
+        return quantize(downscaled_noise(clean, params["sigma"], params["factor"], generator))
+    raise ValueError(f"unknown degradation {kind!r}; the kinds are {', '.join(KINDS)}")
+
+
+def draw(config: DegradationConfig, sigma: tuple[float, float], rng: random.Random) -> tuple[str, dict]:
+    """A random degradation: its kind (by ``mix``) and its parameters (uniform in the configured ranges;
+    ``sigma`` is AWGN's)."""
+    kinds = [kind for kind in KINDS if config.mix.get(kind, 0) > 0]
+    kind = rng.choices(kinds, weights=[config.mix[kind] for kind in kinds])[0]
+
+    def uniform(name: str) -> float:
+        return rng.uniform(*_range(config, name))
+
+    if kind == "awgn":
+        return kind, {"sigma": rng.uniform(*sigma)}
+    if kind == "poisson_gaussian":
+        # Photon counts spread over orders of magnitude: draw them log-uniformly.
+        low, high = _range(config, "photons")
+        return kind, {"photons": math.exp(rng.uniform(math.log(low), math.log(high))),
+                      "read_sigma": uniform("read_sigma")}
+    if kind == "variant":
+        return kind, {"low": uniform("variant_sigma"), "high": uniform("variant_sigma"),
+                      "angle": rng.uniform(0, 2 * math.pi)}
+    if kind == "jpeg":
+        low, high = _range(config, "jpeg_quality")
+        return kind, {"sigma": uniform("jpeg_sigma"), "quality": rng.randint(int(low), int(high))}
+    return kind, {"sigma": uniform("downscale_sigma"), "factor": uniform("downscale_factor")}
+
+
+def degrade(clean: torch.Tensor, config: DegradationConfig, sigma: tuple[float, float], quantize_8bit: bool,
+            generator: torch.Generator, rng: random.Random) -> torch.Tensor:
+    """A training batch's noisy inputs: each image of ``(B, 3, H, W)`` through a degradation drawn by ``rng``.
+
+    Args:
+        clean: ``(B, 3, H, W)`` in [0, 1].
+        config: the mix and the ranges of the kinds other than AWGN.
+        sigma: AWGN's σ range ``(low, high)``, 0-255 scale.
+        quantize_8bit: round and clip to 8 bits (required by every kind but AWGN).
+        generator: the noise's random numbers.
+        rng: which kind, and its parameters.
+
+    With AWGN alone (the default ``mix``), this is :func:`blind_noisy` exactly: the same draws from
+    ``generator``, and ``rng`` untouched.
+    """
+    if config.awgn_only:
+        return blind_noisy(clean, sigma[0], sigma[1], quantize_8bit, generator)[0]
+    if not quantize_8bit:
+        raise ValueError("degradations other than awgn make 8-bit images; set quantize: true")
+    noisy = []
+    for image in clean:
+        kind, params = draw(config, sigma, rng)
+        noisy.append(apply(kind, image, params, generator))
+    return torch.stack(noisy)
+
+
+def blind_noisy(clean: torch.Tensor, sigma_min: float, sigma_max: float, quantize_8bit: bool,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image σ drawn uniformly from ``[sigma_min, sigma_max]``; returns ``(noisy, sigmas)``."""
+    sigmas = torch.empty(clean.shape[0], 1, 1, 1).uniform_(sigma_min, sigma_max, generator=generator)
+    return add_noise(clean, sigmas, generator, quantize_8bit), sigmas.flatten()
+
+
+# Fixed settings of each kind for validation and evaluation: name -> (kind, params).
+EVAL_DEGRADATIONS: dict[str, tuple[str, dict]] = {
+    "awgn15": ("awgn", {"sigma": 15.0}),
+    "awgn25": ("awgn", {"sigma": 25.0}),
+    "awgn50": ("awgn", {"sigma": 50.0}),
+    "poisson40": ("poisson_gaussian", {"photons": 40.0, "read_sigma": 2.0}),
+    "ramp5-40": ("variant", {"low": 5.0, "high": 40.0, "angle": 0.0}),
+    "jpeg80-awgn15": ("jpeg", {"sigma": 15.0, "quality": 80}),
+    "down0.5-awgn30": ("downscale", {"sigma": 30.0, "factor": 0.5}),
+}
+
+
+# The named evaluation degradations other than AWGN, which ``--sigma`` covers.
+NON_AWGN = tuple(name for name, (kind, _) in EVAL_DEGRADATIONS.items() if kind != "awgn")
+
+
+def eval_degradation(name: str) -> tuple[str, dict]:
+    """The kind and parameters of a named evaluation degradation; a plain number means AWGN at that σ."""
+    if name in EVAL_DEGRADATIONS:
+        return EVAL_DEGRADATIONS[name]
+    try:
+        return "awgn", {"sigma": float(name)}
+    except ValueError:
+        raise ValueError(f"unknown degradation {name!r}; the named ones are {', '.join(EVAL_DEGRADATIONS)}, "
+                         "or give a number for AWGN at that sigma") from None
+
+
+def noise_rms(noisy: torch.Tensor, clean: torch.Tensor) -> float:
+    """The RMS of ``noisy - clean`` on the 0-255 scale: the σ a non-blind denoiser is given."""
+    return float(((noisy.float() - clean.float()) ** 2).mean().sqrt() * 255)
