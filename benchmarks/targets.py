@@ -21,3 +21,7 @@ SERVE_MIN_FRACTION_OF_RAW = 0.9
 # On every degradation other than AWGN (JPEG, Poisson-Gaussian, spatially variant, downscaled), `auto` must
 # reach at least FFDNet's PSNR when FFDNet is given the noise's RMS as its sigma, plus this, in dB.
 AUTO_MIN_GAIN_OVER_FFDNET_RMS_DB = 0.0
+
+# A candidate checkpoint may lose at most this much PSNR to the shipped one on AWGN, at any sigma, view
+# scale and quality, in dB (benchmarks.ship, on the validation photos).
+AWGN_MAX_DROP_DB = 0.05

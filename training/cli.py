@@ -35,6 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
                                       help=f"continue from out_dir/{RESUMABLE[stage]}")
         stage_parser.set_defaults(handler=run_train, stage=stage)
 
+    pipeline = commands.add_parser("pipeline", help="all three stages in one command, from a profile (gpu, smoke)")
+    pipeline.add_argument("--profile", default="gpu", help="gpu, smoke, or a profile YAML (training/recipes/)")
+    pipeline.add_argument("--photos", default="../shared/data/photos", help="a folder with train/ and val/")
+    pipeline.add_argument("--out", required=True, help="the folder every stage writes into")
+    pipeline.add_argument("--static", action="store_true",
+                          help="train static networks of OUT/tailor's shapes from scratch instead")
+    pipeline.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                          help="override a stage's config, e.g. supernet.steps=100")
+    pipeline.set_defaults(handler=run_pipeline_command)
+
     evaluate = commands.add_parser("eval", help="measure PSNR, FLOPs and speed of every quality and sub-network")
     evaluate.add_argument("--images", default="skimage", help="a folder of clean images, or 'skimage'")
     evaluate.add_argument("--sigma", type=float, nargs="+", default=[15.0, 25.0, 50.0], help="AWGN sigmas")
@@ -72,6 +82,14 @@ def run_train(args: argparse.Namespace) -> int:
         from training.gate import train_gate
 
         path = train_gate(config)
+    print(f"wrote {path}")
+    return 0
+
+
+def run_pipeline_command(args: argparse.Namespace) -> int:
+    from training.pipeline import run_pipeline
+
+    path = run_pipeline(args.profile, args.photos, args.out, args.set, static=args.static)
     print(f"wrote {path}")
     return 0
 

@@ -43,8 +43,9 @@ def psnr_by_sigma(net: SlimUNet, widths: WidthConfig, pairs: list) -> dict[str, 
     """Mean PSNR per noise of ``net`` at ``widths`` on fixed pairs (see ``fixed_noisy_set``); the keys are
     labels: ``"25"`` for AWGN at sigma 25, else a degradation's name."""
     sums: dict[str, list[float]] = {}
+    device = next(net.parameters()).device
     for _, sigma, clean, noisy in pairs:
-        value = psnr(denoise_whole(net, noisy, widths), clean).item()
+        value = psnr(denoise_whole(net, noisy.to(device), widths), clean.to(device)).item()
         sums.setdefault(pair_label(sigma), []).append(value)
     return {key: round(sum(values) / len(values), 4) for key, values in sums.items()}
 
@@ -58,14 +59,14 @@ def save_train_state(path: Path, modules: dict[str, torch.nn.Module], optimizer:
     step, elapsed time, ...) goes into the file's metadata with the Adam step counts and the crop
     sampler's RNG state.
     """
-    tensors = {f"{name}.{k}": v.detach().contiguous() for name, module in modules.items()
+    tensors = {f"{name}.{k}": v.detach().cpu().contiguous() for name, module in modules.items()
                for k, v in module.state_dict().items()}
     adam_steps = {}
     for index, param in enumerate(_params(optimizer)):
         state = optimizer.state.get(param)
         if state:
-            tensors[f"adam.{index}.exp_avg"] = state["exp_avg"].contiguous()
-            tensors[f"adam.{index}.exp_avg_sq"] = state["exp_avg_sq"].contiguous()
+            tensors[f"adam.{index}.exp_avg"] = state["exp_avg"].cpu().contiguous()
+            tensors[f"adam.{index}.exp_avg_sq"] = state["exp_avg_sq"].cpu().contiguous()
             adam_steps[index] = float(state["step"])
     tensors["noise_generator"] = generator.get_state()
     partial = path.with_name(path.name + ".partial")
@@ -95,8 +96,8 @@ def load_train_state(path: Path, modules: dict[str, torch.nn.Module], optimizer:
         if f"adam.{index}.exp_avg" in tensors:
             optimizer.state[param] = {
                 "step": torch.tensor(meta["adam_steps"][str(index)]),
-                "exp_avg": tensors[f"adam.{index}.exp_avg"],
-                "exp_avg_sq": tensors[f"adam.{index}.exp_avg_sq"],
+                "exp_avg": tensors[f"adam.{index}.exp_avg"].to(param.device),
+                "exp_avg_sq": tensors[f"adam.{index}.exp_avg_sq"].to(param.device),
             }
     generator.set_state(tensors["noise_generator"])
     sampler.set_state(rng_state(meta["sampler_rng"]))

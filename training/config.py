@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from training.compute import ComputeConfig
 from training.degradations import DegradationConfig
 
 ConfigT = TypeVar("ConfigT")
@@ -79,6 +80,8 @@ class SupernetStage(SandwichLoss):
     seed: int = 0
     # The name of the recipe this run belongs to (e.g. "ddsnet-color"), recorded in the checkpoint's provenance.
     recipe: str = ""
+    # Device, bf16 autocast, channels-last and batch workers (see ``training.compute``).
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
 
 @dataclass
@@ -121,6 +124,8 @@ class TailorStage(SandwichLoss):
     seed: int = 0
     # The name of the recipe this run belongs to (e.g. "ddsnet-color"), recorded in the checkpoint's provenance.
     recipe: str = ""
+    # Device, bf16 autocast, channels-last and batch workers (see ``training.compute``).
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
 
 @dataclass
@@ -149,6 +154,28 @@ class GateStage:
     seed: int = 0
     # The name of the recipe this run belongs to (e.g. "ddsnet-color"), recorded in the checkpoint's provenance.
     recipe: str = ""
+    # Device, bf16 autocast, channels-last and batch workers (see ``training.compute``).
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+
+
+@dataclass
+class StaticStage(SandwichLoss):
+    """Static baselines: a network of each of a tailored checkpoint's K shapes, trained alone from scratch
+    (no weight sharing, no distillation) on stage 1's schedule, to compare with the sub-networks."""
+
+    tailored: str = "runs/tailor/tailored.safetensors"
+    out_dir: str = "runs/static"
+    data: DataConfig = field(default_factory=DataConfig)
+    steps: int = 3000
+    crop_schedule: list[list[float]] = field(default_factory=lambda: [[0.0, 64, 16], [0.5, 96, 12], [0.8, 128, 8]])
+    lr: float = 5e-4
+    lr_min: float = 1e-6
+    warmup_steps: int = 100
+    ema_decay: float = 0.999
+    log_every: int = 10
+    seed: int = 0
+    recipe: str = ""
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
 
 def _convert(value: str) -> Any:

@@ -26,6 +26,7 @@ from model.gate import Gate, GateConfig
 from model.metrics import psnr
 from model.tiling import denoise_whole
 from training.common import JsonLog
+from training.compute import Compute, worker_batches
 from training.config import CONFIG_FILE, GateStage, save_config
 from training.data import PatchSampler, fixed_noisy_set, noisy_batch, pair_label, pair_scale
 from training.provenance import data_digests, provenance, source_digest, stage_record
@@ -60,8 +61,10 @@ def subnet_psnrs(net, subnets, noisy: torch.Tensor, clean: torch.Tensor) -> torc
 def _validation_table(net, subnets, pairs) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Per validation pair: PSNR of every sub-network ``(N, K)`` and the noisy inputs."""
     rows = []
+    device = next(net.parameters()).device
     for _, _, clean, noisy in tqdm(pairs, desc="gate (validation PSNRs)"):
-        rows.append(torch.stack([psnr(denoise_whole(net, noisy, s.widths), clean)[0] for s in subnets]))
+        clean, on_device = clean.to(device), noisy.to(device)
+        rows.append(torch.stack([psnr(denoise_whole(net, on_device, s.widths), clean)[0] for s in subnets]).cpu())
     return torch.stack(rows), [noisy for _, _, _, noisy in pairs]
 
 
@@ -70,8 +73,9 @@ def _report(gate: Gate, table: torch.Tensor, noisies: list, mflops: torch.Tensor
     """Accuracy, confusion matrix, and auto/best/fast PSNR and FLOPs on the validation pairs, overall, per
     noise (``sigmas``: labels such as ``"25"`` or ``"jpeg80-awgn15"``) and per view scale (labels)."""
     gate.eval()
+    device = next(gate.parameters()).device
     with torch.inference_mode():
-        picks = torch.tensor([int(gate(noisy).argmax()) for noisy in noisies])
+        picks = torch.tensor([int(gate(noisy.to(device)).argmax()) for noisy in noisies])
     labels = smallest_within(table, mflops, delta)
     k = len(mflops)
     confusion = torch.zeros(k, k, dtype=torch.int64)
@@ -153,29 +157,40 @@ def train_gate(config: GateStage) -> Path:
     save_config(config, out_dir / CONFIG_FILE)
     checkpoint = load_checkpoint(config.tailored)
     data_sha256 = data_digests(config.data)
-    net, subnets = checkpoint.net, checkpoint.subnets
+    compute = Compute(config.compute)
+    net, subnets = compute.module(checkpoint.net), checkpoint.subnets
     net.requires_grad_(False)
     mflops = torch.tensor([s.mflops_per_pixel for s in subnets])
-    relative_cost = mflops / mflops.max()
+    cost = mflops.to(compute.device)  # the labels' costs, next to the PSNRs they are chosen from
+    relative_cost = cost / cost.max()
     torch.manual_seed(config.seed)
     deltas = sorted(set(config.delta_sweep) | ({config.delta_db} if config.delta_db != "auto" else set()))
     gate_config = GateConfig.from_dict({**config.gate, "num_subnets": len(subnets)})
-    gates = {delta: Gate(gate_config) for delta in deltas}
+    gates = {delta: compute.module(Gate(gate_config)) for delta in deltas}
     optimizers = {delta: torch.optim.Adam(g.parameters(), lr=config.lr) for delta, g in gates.items()}
     sampler = PatchSampler(config.data.train_dir, seed=config.seed, scale_range=config.data.scale_range,
                            texture_candidates=config.data.texture_candidates)
     generator = torch.Generator().manual_seed(config.seed)
     log = JsonLog(out_dir / "log.jsonl")
     started = time.time()
+    batches = None
+    if config.compute.workers:
+        batches = worker_batches(config.data, config.seed, 1, config.steps + 1,
+                                 lambda _: (config.crop, config.batch_size), config.compute.workers,
+                                 pin_memory=compute.device.type == "cuda")
 
     for step in tqdm(range(1, config.steps + 1), desc="gate", dynamic_ncols=True):
         lr = config.lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / config.steps))
-        clean = sampler.sample(config.batch_size, config.crop)
-        noisy = noisy_batch(clean, config.data, generator, sampler.rng)
+        if batches is None:
+            clean = sampler.sample(config.batch_size, config.crop)
+            noisy = noisy_batch(clean, config.data, generator, sampler.rng)
+        else:
+            clean, noisy = next(batches)
+        clean, noisy = compute.tensor(clean), compute.tensor(noisy)
         psnrs = subnet_psnrs(net, subnets, noisy, clean)
         record = {"step": step, "lr": round(lr, 6)}
         for delta, gate in gates.items():
-            labels = smallest_within(psnrs, mflops, delta)
+            labels = smallest_within(psnrs, cost, delta)
             logits = gate(noisy)
             loss = F.cross_entropy(logits, labels)
             if config.cost_weight:

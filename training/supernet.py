@@ -28,6 +28,7 @@ from training.common import (
     rng_state,
     save_train_state,
 )
+from training.compute import Compute, worker_batches
 from training.config import CONFIG_FILE, SandwichLoss, SupernetStage, save_config
 from training.data import PatchSampler, fixed_noisy_set, noisy_batch
 from training.provenance import data_digests, provenance, source_digest, stage_record
@@ -89,14 +90,15 @@ def sandwich_backward(net: SlimUNet, noisy: torch.Tensor, clean: torch.Tensor, m
     the clean image and, in-place distillation, from the widest's detached output. The losses returned are
     unweighted.
     """
-    teacher = net(noisy, net.widest())
+    # Under bf16 autocast the outputs are bfloat16; the losses are computed in float32.
+    teacher = net(noisy, net.widest()).float()
     loss_widest = reconstruction_loss(config.loss, teacher, clean, eps=config.log_mse_eps)
     (config.widest_weight * loss_widest).backward()
     teacher = teacher.detach()
     member_losses = []
     for widths in members:
-        member_loss = reconstruction_loss(config.loss, net(noisy, widths), clean, teacher, config.distill_weight,
-                                          config.log_mse_eps)
+        member_loss = reconstruction_loss(config.loss, net(noisy, widths).float(), clean, teacher,
+                                          config.distill_weight, config.log_mse_eps)
         member_loss.backward()
         member_losses.append(member_loss.item())
     torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
@@ -139,8 +141,9 @@ def train_supernet(config: SupernetStage, resume: bool = False) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, out_dir / CONFIG_FILE)
     torch.manual_seed(config.seed)
-    net = SlimUNet(SupernetConfig.from_dict(config.model))
-    ema = SlimUNet(net.config)
+    compute = Compute(config.compute)
+    net = compute.module(SlimUNet(SupernetConfig.from_dict(config.model)))
+    ema = compute.module(SlimUNet(net.config))
     ema.load_state_dict(net.state_dict())
     ema.requires_grad_(False)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
@@ -166,18 +169,30 @@ def train_supernet(config: SupernetStage, resume: bool = False) -> Path:
         step, elapsed = load_state(state_path, net, ema, optimizer, sampler, generator, width_rng)
     started, this_start = time.time() - elapsed, time.time()
     widest, slimmest = net.widest(), net.slimmest()
+    batches = None
+    if config.compute.workers:
+        def shape(at: int) -> tuple[int, int]:
+            return crop_for_step(config.crop_schedule, at, config.steps)
+
+        batches = worker_batches(config.data, config.seed, step, config.steps, shape, config.compute.workers,
+                                 pin_memory=compute.device.type == "cuda")
     progress = tqdm(total=config.steps, initial=step, desc="supernet", dynamic_ncols=True)
     while step < config.steps:
         crop, batch = crop_for_step(config.crop_schedule, step, config.steps)
         lr = cosine_lr(step, config.steps, config.lr, config.lr_min, config.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        clean = sampler.sample(batch, crop)
-        noisy = noisy_batch(clean, config.data, generator, sampler.rng)
+        if batches is None:
+            clean = sampler.sample(batch, crop)
+            noisy = noisy_batch(clean, config.data, generator, sampler.rng)
+        else:
+            clean, noisy = next(batches)
+        clean, noisy = compute.tensor(clean), compute.tensor(noisy)
 
         optimizer.zero_grad(set_to_none=True)
         members = [slimmest] + [net.random_widths(width_rng) for _ in range(config.random_widths)]
-        loss_widest, member_losses = sandwich_backward(net, noisy, clean, members, config)
+        with compute.autocast():
+            loss_widest, member_losses = sandwich_backward(net, noisy, clean, members, config)
         optimizer.step()
         with torch.no_grad():
             for ema_param, param in zip(ema.parameters(), net.parameters()):

@@ -32,6 +32,7 @@ from training.common import (
     read_state_meta,
     save_train_state,
 )
+from training.compute import Compute, worker_batches
 from training.config import CONFIG_FILE, TailorStage, save_config
 from training.data import PatchSampler, fixed_noisy_set, noisy_batch
 from training.provenance import data_digests, provenance, source_digest, stage_record
@@ -53,7 +54,8 @@ def search_batch(config: TailorStage) -> tuple[torch.Tensor, torch.Tensor]:
 
 def search_score(net: SlimUNet, config: TailorStage) -> Callable[[WidthConfig], float]:
     """Mean PSNR of a configuration on the fixed validation batch: what the cuts and refills are chosen by."""
-    clean, noisy = search_batch(config)
+    device = next(net.parameters()).device
+    clean, noisy = (tensor.to(device) for tensor in search_batch(config))
 
     @torch.inference_mode()
     def score(widths: WidthConfig) -> float:
@@ -226,13 +228,15 @@ def given_configurations(net: SlimUNet, given: list[list[int]]) -> list[WidthCon
 
 
 def finetune(net: SlimUNet, configs: list[WidthConfig], config: TailorStage, log: JsonLog, state_path: Path,
-             meta: dict, started: float, resume: bool = False) -> int:
+             meta: dict, started: float, resume: bool = False, compute: Compute | None = None) -> int:
     """Train ``net`` in place on ``configs`` only (``configs[0]`` the widest): Adam, cosine LR to zero.
 
     The state (weights, Adam moments, RNGs and ``meta``: the configurations and the source's provenance) is
     saved to ``state_path`` every ``save_every`` steps, at the end, and when the run stops early after
     ``max_minutes`` or at ``stop_at``; ``resume`` continues from it. Returns the step it stopped at.
+    ``compute`` places the batches (``net`` is already on its device); the default is the CPU.
     """
+    compute = compute or Compute(config.compute)
     net.train().requires_grad_(True)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.finetune_lr)
     data = config.data
@@ -242,17 +246,27 @@ def finetune(net: SlimUNet, configs: list[WidthConfig], config: TailorStage, log
     step = 0
     if resume:
         step = int(load_train_state(state_path, {"net": net}, optimizer, generator, sampler)["step"])
-    session_started = time.time()
+    this_start = time.time()
     members = configs[1:]
+    batches = None
+    if config.compute.workers:
+        batches = worker_batches(data, config.seed, step, config.finetune_steps,
+                                 lambda _: (config.finetune_crop, config.finetune_batch), config.compute.workers,
+                                 pin_memory=compute.device.type == "cuda")
     progress = tqdm(total=config.finetune_steps, initial=step, desc="tailor (fine-tune)", dynamic_ncols=True)
     while step < config.finetune_steps:
         lr = cosine_lr(step, config.finetune_steps, config.finetune_lr, 0.0, 0)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        clean = sampler.sample(config.finetune_batch, config.finetune_crop)
-        noisy = noisy_batch(clean, data, generator, sampler.rng)
+        if batches is None:
+            clean = sampler.sample(config.finetune_batch, config.finetune_crop)
+            noisy = noisy_batch(clean, data, generator, sampler.rng)
+        else:
+            clean, noisy = next(batches)
+        clean, noisy = compute.tensor(clean), compute.tensor(noisy)
         optimizer.zero_grad(set_to_none=True)
-        loss_widest, member_losses = sandwich_backward(net, noisy, clean, members, config)
+        with compute.autocast():
+            loss_widest, member_losses = sandwich_backward(net, noisy, clean, members, config)
         optimizer.step()
         step += 1
         progress.update(1)
@@ -260,7 +274,7 @@ def finetune(net: SlimUNet, configs: list[WidthConfig], config: TailorStage, log
             log.write(finetune_step=step, lr=lr, loss_widest=round(loss_widest, 6),
                       loss_members=[round(x, 6) for x in member_losses], seconds=round(time.time() - started, 1))
             progress.set_postfix(loss=f"{loss_widest:.4f}")
-        over_time = config.max_minutes > 0 and time.time() - session_started > 60 * config.max_minutes
+        over_time = config.max_minutes > 0 and time.time() - this_start > 60 * config.max_minutes
         over_time = over_time or step == config.stop_at
         if step % config.save_every == 0 or step == config.finetune_steps or over_time:
             save_train_state(state_path, {"net": net}, optimizer, generator, sampler,
@@ -292,10 +306,11 @@ def tailor(config: TailorStage, resume: bool = False) -> Path:
     check_save_every(config.save_every)
     out_dir = Path(config.out_dir)
     state_path = out_dir / FINETUNE_STATE_FILE
+    compute = Compute(config.compute)
     if resume:
         meta = read_state_meta(state_path)
         log = JsonLog(out_dir / "log.jsonl")
-        net = SlimUNet(SupernetConfig.from_dict(meta["model"]))
+        net = compute.module(SlimUNet(SupernetConfig.from_dict(meta["model"])))
         configs = [tuple(c) for c in meta["configs"]]
         started = time.time() - float(meta["elapsed_s"])
         meta["resumes"] = int(meta.get("resumes", 0)) + 1
@@ -303,7 +318,7 @@ def tailor(config: TailorStage, resume: bool = False) -> Path:
         log.write(resumed_at_step=int(meta["step"]), seconds=round(time.time() - started, 1))
     else:
         checkpoint = load_checkpoint(config.supernet)
-        net = checkpoint.net
+        net = compute.module(checkpoint.net)
         if config.configs and config.search:
             raise ValueError("configs lists the sub-networks to keep instead of searching; set search=false too")
         kept = None  # checked before anything is written
@@ -335,7 +350,7 @@ def tailor(config: TailorStage, resume: bool = False) -> Path:
             before = [s.to_dict() for s in _table(net, configs, val_pairs, "tailor (validation, before fine-tune)")]
             (out_dir / "table_before_finetune.json").write_text(json.dumps(before, indent=2))
             log.write(table_before_finetune=before, seconds=round(time.time() - started, 1))
-        step = finetune(net, configs, config, log, state_path, meta, started, resume)
+        step = finetune(net, configs, config, log, state_path, meta, started, resume, compute)
         if step < config.finetune_steps:
             log.write(stopped_at_step=step, seconds=round(time.time() - started, 1))
             tqdm.write(f"fine-tune stopped at step {step} of {config.finetune_steps}; continue with "

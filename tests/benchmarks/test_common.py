@@ -216,3 +216,19 @@ def test_training_curve_without_logs_exits_1_with_one_line(arguments, tmp_path):
     assert completed.returncode == 1
     assert len(completed.stderr.splitlines()) == 1 and completed.stderr.startswith("error: ")
     assert not (tmp_path / "curve.png").exists()
+
+
+def _val_gap(auto_awgn: float, best_awgn: float, auto_jpeg: float) -> dict:
+    return {"scales": {"1": {"results": {"25": {"auto": auto_awgn, "best": best_awgn},
+                                         "jpeg80-awgn15": {"auto": auto_jpeg, "best": auto_jpeg}}}}}
+
+
+def test_ship_needs_awgn_held_and_auto_better_on_the_mean_of_validation():
+    from benchmarks.ship import decide
+
+    shipped = _val_gap(35.00, 35.10, 30.00)
+    assert decide(_val_gap(34.96, 35.06, 31.00), shipped)[0]  # AWGN within 0.05 dB, JPEG much better
+    assert not decide(_val_gap(34.90, 35.10, 31.00), shipped)[0]  # auto lost 0.10 dB on AWGN
+    assert not decide(_val_gap(35.00, 35.10, 29.90), shipped)[0]  # nothing lost, nothing gained
+    with pytest.raises(ValueError, match="share no"):
+        decide({"scales": {"0.5": {"results": {}}}}, shipped)

@@ -1,0 +1,54 @@
+"""``ddsnet-train pipeline``: the smoke profile runs every stage and the static baselines on the CPU."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from model import load_checkpoint
+from training.cli import main
+from training.pipeline import overrides, read_profile
+
+ROOT = Path(__file__).resolve().parents[2]
+PHOTOS = ROOT.parent / "shared" / "data" / "photos"
+
+
+def test_profiles_name_only_known_sections_and_turn_into_leaf_overrides():
+    gpu = read_profile("gpu")
+    assert gpu["name"] == "gpu" and gpu["supernet"]["compute"] == {
+        "device": "cuda", "amp": "bf16", "channels_last": True, "workers": 14}
+    assert overrides({"compute": {"device": "cuda", "workers": 3}, "targets": [0.5, 0.25]}) == [
+        "compute.device=cuda", "compute.workers=3", "targets=[0.5, 0.25]"]
+
+
+def test_a_profile_with_an_unknown_section_is_refused(tmp_path):
+    profile = tmp_path / "bad.yaml"
+    profile.write_text("supernet: {steps: 1}\ntrainer: {}\n")
+    with pytest.raises(ValueError, match="unknown section"):
+        read_profile(str(profile))
+
+
+@pytest.mark.skipif(not (PHOTOS / "train").is_dir(), reason=f"the training photos are not at {PHOTOS}")
+def test_the_smoke_profile_runs_all_three_stages_then_the_static_baselines(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pipeline", "--profile", "smoke", "--photos", str(PHOTOS), "--out", str(out)]) == 0
+    gated = out / "gate" / "ddsnet.safetensors"
+    assert capsys.readouterr().out.strip().endswith(f"wrote {gated}")
+    checkpoint = load_checkpoint(gated)
+    assert checkpoint.gate_trained and len(checkpoint.subnets) == 3  # the widest and the profile's 2 targets
+    assert checkpoint.provenance["recipe"] == "smoke"
+    stages = checkpoint.provenance["stages"]
+    assert stages["supernet"]["config"]["compute"]["workers"] == 2
+    # The fine-tune was stopped at step 3 of 4 and closed there: its table and checkpoint are written.
+    assert stages["tailor"]["steps"] == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["seconds"]) == {"supernet", "tailor", "gate"}
+    assert {"25", "jpeg80-awgn15"} == set(summary["table"][0]["val_psnr"])
+
+    assert main(["pipeline", "--profile", "smoke", "--photos", str(PHOTOS), "--out", str(out), "--static"]) == 0
+    table = json.loads((out / "static" / "table.json").read_text())
+    assert [row["widths"] for row in table] == [list(s.widths) for s in checkpoint.subnets]
+    for index, row in enumerate(table):
+        assert row["static_psnr"].keys() == row["shared_psnr"].keys() == {"25"}
+        static = load_checkpoint(out / "static" / f"static-{index}.safetensors")
+        assert [s.widths for s in static.subnets] == [checkpoint.subnets[index].widths]
