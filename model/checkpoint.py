@@ -11,14 +11,18 @@ The header's metadata holds one key, ``ddsnet``, a JSON document:
 ```
 
 Loading never unpickles. A missing, truncated, corrupted or mismatched file raises
-:class:`CheckpointError` with a message that names the problem.
+:class:`CheckpointError` with a message that names the problem. The metadata is checked against a schema
+with bounds (:func:`check_document`) before anything is built, the network is then built on the ``meta``
+device and its tensor shapes compared with the file's, so that memory is only ever allocated for tensors the
+file holds; weights that are not finite are refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -37,6 +41,83 @@ METADATA_KEY = "ddsnet"
 
 class CheckpointError(Exception):
     """The file cannot be used as a ddsnet checkpoint; the message says why."""
+
+
+# Bounds of the metadata schema: far above any real ddsnet, far below what would exhaust a machine.
+MAX_CHANNELS = 2048
+MAX_LEVELS = 8
+MAX_BLOCKS = 64
+MAX_SUBNETS = 64
+MAX_TABLE_ENTRIES = 64
+MAX_PROVENANCE_BYTES = 1 << 20
+
+
+def _integer(value, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise CheckpointError(f"{name} must be an integer in [{low}, {high}], not {value!r:.80}")
+    return value
+
+
+def _integers(value, name: str, low: int, high: int, min_len: int, max_len: int) -> list[int]:
+    if not isinstance(value, list) or not min_len <= len(value) <= max_len:
+        raise CheckpointError(f"{name} must be a list of {min_len} to {max_len} integers, not {value!r:.80}")
+    return [_integer(item, f"{name}[{i}]", low, high) for i, item in enumerate(value)]
+
+
+def _number(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise CheckpointError(f"{name} must be a finite number, not {value!r:.80}")
+    return float(value)
+
+
+def _mapping(value, name: str, allowed: set[str]) -> dict:
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{name} must be a JSON object, not {type(value).__name__}")
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise CheckpointError(f"{name} has unknown key(s) {', '.join(map(str, unknown))[:200]}")
+    return value
+
+
+def check_document(document) -> None:
+    """Check a checkpoint's JSON document against the schema and its bounds; raise :class:`CheckpointError`."""
+    document = _mapping(document, "metadata", {"format", "version", "model", "gate", "subnets", "provenance",
+                                                "tensors_sha256"})
+    model = _mapping(document.get("model"), "model", {f.name for f in fields(SupernetConfig)})
+    levels = len(_integers(model.get("channels", [32, 64, 128, 256]), "model.channels", 1, MAX_CHANNELS, 2,
+                           MAX_LEVELS))
+    for key in ("enc_blocks", "dec_blocks"):
+        if key in model:
+            _integers(model[key], f"model.{key}", 0, MAX_BLOCKS, levels - 1, levels - 1)
+    for key, low, high in (("in_channels", 1, 4), ("body_blocks", 0, MAX_BLOCKS), ("steps_per_width", 1, 64),
+                           ("min_steps", 1, 64)):
+        if key in model:
+            _integer(model[key], f"model.{key}", low, high)
+    gate = _mapping(document.get("gate"), "gate", {"config", "trained"})
+    gate_config = _mapping(gate.get("config"), "gate.config", {f.name for f in fields(GateConfig)})
+    for key, low, high in (("in_channels", 1, 4), ("num_subnets", 1, MAX_SUBNETS), ("hidden", 1, MAX_CHANNELS)):
+        if key in gate_config:
+            _integer(gate_config[key], f"gate.config.{key}", low, high)
+    if "features" in gate_config:
+        _integers(gate_config["features"], "gate.config.features", 1, MAX_CHANNELS, 3, 3)
+    if not isinstance(gate.get("trained", False), bool):
+        raise CheckpointError("gate.trained must be true or false")
+    subnets = document.get("subnets")
+    if not isinstance(subnets, list) or not 1 <= len(subnets) <= MAX_SUBNETS:
+        raise CheckpointError(f"subnets must be a list of 1 to {MAX_SUBNETS} rows")
+    for index, row in enumerate(subnets):
+        row = _mapping(row, f"subnets[{index}]", {"widths", "channels", "mflops_per_pixel", "val_psnr"})
+        _integers(row.get("widths", row.get("channels")), f"subnets[{index}].widths", 1, MAX_CHANNELS, 1,
+                  4 * MAX_BLOCKS + MAX_LEVELS)
+        _number(row.get("mflops_per_pixel"), f"subnets[{index}].mflops_per_pixel")
+        table = row.get("val_psnr", {})
+        if not isinstance(table, dict) or len(table) > MAX_TABLE_ENTRIES:
+            raise CheckpointError(f"subnets[{index}].val_psnr must be an object of at most {MAX_TABLE_ENTRIES} entries")
+        for key, value in table.items():
+            _number(value, f"subnets[{index}].val_psnr[{key!r:.40}]")
+    provenance = document.get("provenance", {})
+    if not isinstance(provenance, dict) or len(json.dumps(provenance)) > MAX_PROVENANCE_BYTES:
+        raise CheckpointError(f"provenance must be a JSON object of at most {MAX_PROVENANCE_BYTES} bytes")
 
 
 @dataclass(frozen=True)
@@ -119,6 +200,10 @@ def read_metadata(path: str | Path) -> dict:
         document = json.loads(metadata[METADATA_KEY])
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path}: ddsnet metadata is not valid JSON: {error}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: ddsnet metadata is nested too deeply") from None
+    if not isinstance(document, dict):
+        raise CheckpointError(f"{path}: ddsnet metadata must be a JSON object, not {type(document).__name__}")
     if document.get("format") != FORMAT:
         raise CheckpointError(f"{path}: metadata format is {document.get('format')!r}, expected {FORMAT!r}")
     if document.get("version") != VERSION:
@@ -126,13 +211,42 @@ def read_metadata(path: str | Path) -> dict:
     return document
 
 
+def _check_shapes(path: Path, model_config: SupernetConfig, gate_config: GateConfig) -> None:
+    """Compare the shapes the configs imply (built on the ``meta`` device: no memory) with the file's."""
+    with torch.device("meta"):
+        expected = {f"net.{k}": tuple(v.shape) for k, v in SlimUNet(model_config).state_dict().items()}
+        expected |= {f"gate.{k}": tuple(v.shape) for k, v in Gate(gate_config).state_dict().items()}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            found = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: tensor index unreadable: {error}") from None
+    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match the config: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+    for name, shape in expected.items():
+        if found[name] != shape:
+            raise CheckpointError(f"{path}: tensor {name} has shape {found[name]}, the config needs {shape}")
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     """Build the supernet and gate from the checkpoint's own config and load their weights (as float32)."""
     path = Path(path)
     document = read_metadata(path)
     try:
-        net = SlimUNet(SupernetConfig.from_dict(document["model"]))
-        gate = Gate(GateConfig.from_dict(document["gate"]["config"]))
+        check_document(document)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    try:
+        model_config = SupernetConfig.from_dict(document["model"])
+        gate_config = GateConfig.from_dict(document["gate"]["config"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: model config is invalid: {error}") from None
+    _check_shapes(path, model_config, gate_config)
+    try:
+        net = SlimUNet(model_config)
+        gate = Gate(gate_config)
         subnets = [
             # "channels": the key of this table in checkpoints written by ddsnet before 0.2.
             Subnet(net.validate(row["widths"] if "widths" in row else row["channels"]), float(row["mflops_per_pixel"]),
@@ -151,6 +265,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         raise CheckpointError(f"{path}: tensor data unreadable (truncated or corrupted?): {error}") from None
     if _tensors_digest(tensors) != document.get("tensors_sha256"):
         raise CheckpointError(f"{path}: tensor data does not match its recorded SHA-256 (corrupted file)")
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path}: tensor {name} holds NaN or infinite values")
 
     for prefix, module in (("net.", net), ("gate.", gate)):
         expected = module.state_dict()

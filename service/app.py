@@ -6,6 +6,7 @@
 
 import asyncio
 import json
+import re
 import secrets
 import time
 from contextlib import asynccontextmanager
@@ -16,8 +17,12 @@ from typing import Annotated
 import torch
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model import CheckpointError, Denoiser, Quality, load_checkpoint
 from service.engine import Engine, QueueFull
@@ -25,7 +30,48 @@ from service.imaging import ImageError, check_output_format, decode_image, encod
 from service.metrics import Metrics
 from service.settings import Settings
 
+STATIC_DIR = Path(__file__).resolve().parent / "static"  # the browser page: no build step, no CDN
 IMAGE_ERROR_STATUS = {"empty": 422, "corrupt": 422, "unsupported": 415, "too_large": 413, "bad_output": 422}
+BEARER = re.compile(r"bearer ([!-~]+)", re.IGNORECASE)  # RFC 6750: the scheme, one space, the token
+# What an operator sees, and what the API key covers too when ``protect_operations`` is set.
+OPERATIONS_PATHS = ("/metrics", "/info", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+MAX_DETAIL = 300  # characters of an error message; an error never echoes the request back
+
+
+class ErrorBody(BaseModel):
+    """Every error's body."""
+
+    detail: str
+
+
+def error_response(status: int, detail: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail[:MAX_DETAIL]}, status_code=status, headers=headers)
+
+
+def validation_detail(error: RequestValidationError) -> str:
+    """Where and what, for each problem; never the offending input."""
+    parts = []
+    for problem in error.errors():
+        where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body")
+        parts.append(f"{where}: {problem.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+ERRORS = {
+    400: "malformed request",
+    401: "missing or wrong API key",
+    413: "upload or image too large",
+    415: "not an image, or an unsupported format",
+    422: "a missing or invalid field, an empty, truncated or corrupt image, or an output format that cannot carry it",
+    500: "internal error",
+    503: "queue full or model not ready (see Retry-After)",
+    504: "request timed out",
+}
+
+
+def error_responses(*statuses: int) -> dict:
+    """OpenAPI ``responses`` for these error statuses, each with the :class:`ErrorBody` schema."""
+    return {status: {"model": ErrorBody, "description": ERRORS[status]} for status in statuses}
 
 
 class OutputFormat(str, Enum):
@@ -88,6 +134,21 @@ class UploadLimit:
             await self._refuse(send)
 
 
+class ApiKeyGuard:
+    """Answers a request that ``refuse`` refuses before its body is read. Plain ASGI (not Starlette's
+    ``BaseHTTPMiddleware``), so that routes behind it still see a client's disconnect."""
+
+    def __init__(self, app, refuse) -> None:
+        self.app, self.refuse = app, refuse
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            response = self.refuse(Request(scope))
+            if response is not None:
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def build_app(settings: Settings | None = None, on_batch=None) -> FastAPI:
     """The FastAPI app. The model loads in ``lifespan``; routes reach it through ``app.state``."""
     settings = settings or Settings()
@@ -118,12 +179,49 @@ def build_app(settings: Settings | None = None, on_batch=None) -> FastAPI:
             metrics.ready.set(0)
             await engine.stop()
 
-    app = FastAPI(title="ddsnet", version="0.1.0", lifespan=lifespan,
-                  description="Dynamic slimmable image denoising: a gate picks a sub-network per image.")
+    app = FastAPI(title="ddsnet", version="0.2.0", lifespan=lifespan,
+                  description="Dynamic slimmable image denoising: a gate picks a sub-network per image.",
+                  responses=error_responses(500))
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.ready = False
     app.add_middleware(UploadLimit, limit=settings.max_upload_bytes, metrics=metrics)
+    decodes = asyncio.Semaphore(settings.max_decodes)
+
+    def authorized(request: Request) -> bool:
+        if settings.api_key is None:
+            return True
+        match = BEARER.fullmatch(request.headers.get("authorization", ""))
+        return match is not None and secrets.compare_digest(match.group(1).encode(), settings.api_key.encode())
+
+    def unauthorized(quality: str) -> JSONResponse:
+        metrics.rejections.labels("unauthorized").inc()
+        metrics.requests.labels(quality, "401").inc()
+        return error_response(401, ERRORS[401], {"WWW-Authenticate": "Bearer"})
+
+    def refusal(request: Request) -> Response | None:
+        """/denoise always needs the key (when one is set), the operations paths with ``protect_operations``."""
+        path = request.url.path
+        guarded = path == "/denoise" or (settings.protect_operations and path in OPERATIONS_PATHS)
+        if not guarded or authorized(request):
+            return None
+        quality = request.query_params.get("quality", Quality.auto.value)
+        return unauthorized(quality if quality in {q.value for q in Quality} else "unknown")
+
+    app.add_middleware(ApiKeyGuard, refuse=refusal)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        return error_response(422, validation_detail(error))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return error_response(error.status_code, str(error.detail), getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception) -> JSONResponse:
+        metrics.rejections.labels("internal_error").inc()
+        return error_response(500, ERRORS[500])
 
     def get_engine(request: Request) -> Engine:
         engine = getattr(request.app.state, "engine", None)
@@ -131,24 +229,24 @@ def build_app(settings: Settings | None = None, on_batch=None) -> FastAPI:
             raise HTTPException(503, "model is not loaded yet", headers={"Retry-After": "1"})
         return engine
 
-    def check_api_key(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not secrets.compare_digest(supplied.encode(), settings.api_key.encode()):
-            metrics.rejections.labels("unauthorized").inc()
-            raise HTTPException(401, "missing or wrong API key", headers={"WWW-Authenticate": "Bearer"})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", summary="a page to try the service in a browser", response_class=HTMLResponse,
+             include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
     @app.get("/healthz", summary="liveness")
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="readiness: the model is loaded and warmed up")
+    @app.get("/readyz", summary="readiness: the model is loaded and warmed up", responses=error_responses(503))
     async def readyz(request: Request) -> JSONResponse:
         ready = bool(request.app.state.ready)
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
-    @app.get("/info", summary="the sub-network table")
+    @app.get("/info", summary="the sub-network table", responses=error_responses(401, 503))
     async def info(engine: Annotated[Engine, Depends(get_engine)], request: Request) -> dict:
         summary = engine.denoiser.summary()
         summary["device"] = str(request.app.state.device)
@@ -156,14 +254,16 @@ def build_app(settings: Settings | None = None, on_batch=None) -> FastAPI:
                                "max_queue_tiles": settings.max_queue_tiles}
         return summary
 
-    @app.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+                              "description": "Prometheus text exposition format"}, **error_responses(401)})
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def fail(status: int, detail: str, quality: str, reason: str, headers: dict | None = None) -> JSONResponse:
         metrics.rejections.labels(reason).inc()
         metrics.requests.labels(quality, str(status)).inc()
-        return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+        return error_response(status, detail, headers)
 
     @app.post(
         "/denoise",
@@ -173,14 +273,8 @@ def build_app(settings: Settings | None = None, on_batch=None) -> FastAPI:
             200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}},
                   "description": "the denoised image; headers DDSNet-Subnet, DDSNet-GFLOPs, DDSNet-Queue-Ms, "
                                  "DDSNet-Compute-Ms"},
-            401: {"description": "missing or wrong API key"},
-            413: {"description": "upload or image too large"},
-            415: {"description": "not an image, or an unsupported format"},
-            422: {"description": "empty, truncated or corrupt image; or an output format that cannot carry it"},
-            503: {"description": "queue full or model not ready (see Retry-After)"},
-            504: {"description": "request timed out"},
+            **error_responses(400, 401, 413, 415, 422, 503, 504),
         },
-        dependencies=[Depends(check_api_key)],
     )
     async def denoise(
         request: Request,
@@ -202,7 +296,8 @@ def build_app(settings: Settings | None = None, on_batch=None) -> FastAPI:
                        started: float) -> Response:
         data = await file.read()
         try:
-            decoded = await run_in_threadpool(decode_image, data, settings.max_pixels)
+            async with decodes:  # at most max_decodes images in memory at once, however many uploads arrive
+                decoded = await run_in_threadpool(decode_image, data, settings.max_pixels)
             check_output_format(decoded, output.value)  # refuse before spending compute
         except ImageError as error:
             return fail(IMAGE_ERROR_STATUS[error.reason], str(error), quality.value, error.reason)
@@ -237,6 +332,7 @@ def build_app(settings: Settings | None = None, on_batch=None) -> FastAPI:
             "DDSNet-GFLOPs": f"{result.flops / 1e9:.4f}",
             "DDSNet-Queue-Ms": f"{1000 * result.queue_seconds:.1f}",
             "DDSNet-Compute-Ms": f"{1000 * result.compute_seconds:.1f}",
+            "DDSNet-GFLOPs-Widest": f"{result.widest_flops / 1e9:.4f}",
             "DDSNet-Quality": quality.value,
         }
         return Response(encoded, media_type=media_type(output.value), headers=headers)
@@ -251,5 +347,9 @@ def serve(host: str = "127.0.0.1", port: int = 8000, checkpoint: str | None = No
     settings = Settings(**({"checkpoint": checkpoint} if checkpoint else {}))
     if not Path(settings.checkpoint).is_file():
         raise CheckpointError(f"checkpoint not found: {settings.checkpoint}")
-    uvicorn.run(build_app(settings), host=host, port=port, log_level="info")
+    load_checkpoint(settings.checkpoint)  # a bad checkpoint is one error line here, not a traceback at startup
+    # Connections: idle keep-alives close after keepalive_s; past max_connections uvicorn answers 503.
+    # Header and body read timeouts and per-client connection limits belong to the proxy (docker/nginx).
+    uvicorn.run(build_app(settings), host=host, port=port, log_level="info", timeout_keep_alive=settings.keepalive_s,
+                limit_concurrency=settings.max_connections)
     return 0

@@ -9,6 +9,8 @@ is back. The scheduler serves the queue whose oldest tile has waited longest, so
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import itertools
 import time
 from collections import deque
@@ -21,6 +23,16 @@ import torch
 from model.inference import Denoiser, Quality
 from model.tiling import TiledImage
 from service.metrics import Metrics
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+
+
+def release_free_memory() -> None:
+    """Return the C heap's free pages to the OS (glibc's ``malloc_trim``), so that a burst of large images
+    does not leave the process at its peak size; a no-op without glibc."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 class QueueFull(Exception):
@@ -59,6 +71,7 @@ class EngineResult:
     flops: int
     queue_seconds: float
     compute_seconds: float
+    widest_flops: float = 0.0  # what the widest sub-network would have spent on the same tiles
 
 
 class Engine:
@@ -158,6 +171,7 @@ class Engine:
         while True:
             key = self._oldest_queue()
             if key is None:
+                release_free_memory()  # idle: give the freed image and activation buffers back to the OS
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
@@ -175,17 +189,20 @@ class Engine:
             await self._run_batch(key[0], batch)
 
     async def _run_batch(self, subnet: int, batch: list[TileWork]) -> None:
+        batch = [work for work in batch if not work.job.cancelled]
+        if not batch:
+            return
         label = str(subnet)
         started = time.perf_counter()
         for work in batch:
             self.metrics.queue_wait_seconds.labels(label).observe(started - work.enqueued_at)
             if work.job.first_batch_at is None:
                 work.job.first_batch_at = started
-        windows = torch.cat([work.job.image.window(work.index) for work in batch])
+        windows = [work.job.image.window(work.index) for work in batch]
         if self.on_batch:
             self.on_batch(subnet, [work.job for work in batch])
         try:
-            outputs = await self.run_on_worker(self._compute, windows, subnet)
+            outputs = await self.run_on_worker(self._compute, windows, subnet, [work.job for work in batch])
         except Exception as error:  # a failed batch fails its requests, never the scheduler
             for work in batch:
                 if not work.job.future.done():
@@ -194,14 +211,14 @@ class Engine:
         elapsed = time.perf_counter() - started
         self.metrics.inference_seconds.labels(label).observe(elapsed)
         self.metrics.batch_tiles.labels(label).observe(len(batch))
-        height, window_width = windows.shape[-2:]
+        height, window_width = windows[0].shape[-2:]
         macs = self.denoiser.window_macs(subnet, height, window_width)
         widest_macs = self.denoiser.window_macs(self.denoiser.best_index, height, window_width)
-        for position, work in enumerate(batch):
+        for work, output in zip(batch, outputs):
             job = work.job
-            if job.future.done():
+            if job.future.done() or output is None:
                 continue
-            job.image.put(work.index, outputs[position : position + 1])
+            job.image.put(work.index, output)
             job.flops += 2 * macs
             job.widest_flops += 2 * widest_macs
             job.compute_seconds += elapsed / len(batch)
@@ -209,8 +226,14 @@ class Engine:
             if job.remaining == 0:
                 self._finish(job)
 
-    def _compute(self, windows: torch.Tensor, subnet: int) -> torch.Tensor:
-        return self.denoiser.run_windows(windows, subnet).cpu()
+    def _compute(self, windows: list[torch.Tensor], subnet: int, jobs: list[Job]) -> list[torch.Tensor | None]:
+        """The batch's outputs, ``(1, 3, h, w)`` each. On a GPU the windows run as one batch. On the CPU they
+        run one at a time, which costs nothing there, and a window whose request was cancelled meanwhile (a
+        timeout, a client gone) is skipped: its output is ``None``."""
+        if self.denoiser.device.type != "cpu":
+            return list(self.denoiser.run_windows(torch.cat(windows), subnet).cpu().split(1))
+        return [None if job.cancelled else self.denoiser.run_windows(window, subnet).cpu()
+                for window, job in zip(windows, jobs)]
 
     def _finish(self, job: Job) -> None:
         label = str(job.subnet)
@@ -219,4 +242,5 @@ class Engine:
         self.metrics.flops_widest.inc(job.widest_flops)
         self.metrics.pixels.inc(job.image.height * job.image.width)
         queue_seconds = (job.first_batch_at or job.enqueued_at) - job.enqueued_at
-        job.future.set_result(EngineResult(job.image.result(), job.subnet, flops, queue_seconds, job.compute_seconds))
+        job.future.set_result(EngineResult(job.image.result(), job.subnet, flops, queue_seconds, job.compute_seconds,
+                                           job.widest_flops))

@@ -2,7 +2,14 @@
 
 EXIF orientation is applied. Grey images come back grey, an alpha channel passes through untouched,
 palette images are expanded. 16-bit grey images keep 16 bits; 16-bit colour images, which Pillow would
-silently truncate to 8 bits, are refused.
+silently truncate to 8 bits, are refused, as are 32-bit and floating-point images and animated or
+multi-page files (whose other frames would be lost).
+
+A file too short for the size its header declares is refused before it is decoded: a decoder fed a
+patched header would otherwise fill the missing pixels and spend the memory and time of the declared size.
+The floors (:data:`MIN_PIXELS_PER_BYTE`) are far below what any real encoder reaches: JPEG spends at least
+one bit per 8x8 block, deflate (PNG) compresses at most about 1032:1, and the other formats' run-length and
+back-reference codes cover at most a few thousand pixels per bit.
 """
 
 from __future__ import annotations
@@ -19,6 +26,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 SUPPORTED_FORMATS = {"PNG", "JPEG", "MPO", "TIFF", "WEBP", "BMP"}
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP", "tiff": "TIFF", "tif": "TIFF"}
 MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "TIFF": "image/tiff"}
+# The most pixels one byte of a well-formed file can hold, per format (see the module docstring).
+MIN_PIXELS_PER_BYTE_DEFAULT = 65536
+MIN_PIXELS_PER_BYTE = {"JPEG": 1024, "MPO": 1024, "PNG": 10000}
+# What else a malformed header can make Pillow raise while it opens a file.
+HEADER_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, TypeError, struct.error)
 
 
 class ImageError(ValueError):
@@ -62,13 +74,24 @@ def probe(data: bytes, max_pixels: int | None = None) -> Image.Image:
         raise ImageError("too_large", f"image too large: {error}") from None
     except UnidentifiedImageError:
         raise ImageError("unsupported", "not an image, or a format ddsnet cannot read") from None
-    except OSError as error:
+    except HEADER_ERRORS as error:
         raise ImageError("corrupt", f"image header is unreadable: {error}") from None
     if image.format not in SUPPORTED_FORMATS:
         raise ImageError("unsupported", f"{image.format} images are not supported (use PNG, JPEG, TIFF, WebP or BMP)")
     width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageError("corrupt", f"image header declares a {width}x{height} image")
     if max_pixels is not None and width * height > max_pixels:
         raise ImageError("too_large", f"image is {width}x{height} = {width * height} pixels, the limit is {max_pixels}")
+    floor = width * height // MIN_PIXELS_PER_BYTE.get(image.format, MIN_PIXELS_PER_BYTE_DEFAULT)
+    if len(data) < floor:
+        raise ImageError("corrupt", f"the file has {len(data)} bytes, too few for the {width}x{height} image its "
+                                    f"header declares (a {image.format} file of that size has at least {floor})")
+    if getattr(image, "n_frames", 1) > 1:
+        raise ImageError("unsupported", f"animated or multi-page {image.format} files are not supported "
+                                        "(every frame but the first would be lost); send one frame")
+    if image.mode == "I":
+        raise ImageError("unsupported", "32-bit integer images are not supported; 8-bit and 16-bit are")
     png = _png_bit_depth(data)
     if png and png[0] == 16 and png[1] in (2, 4, 6):
         raise ImageError(

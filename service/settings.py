@@ -22,5 +22,9 @@ class Settings(BaseSettings):
     max_pixels: int = Field(40_000_000, ge=1)
     request_timeout_s: float = Field(300.0, gt=0)
     api_key: str | None = Field(None, description="when set, requests need 'Authorization: Bearer <key>'")
+    protect_operations: bool = Field(False, description="with api_key: /metrics, /info and the API docs need it too")
+    max_decodes: int = Field(2, ge=1, description="uploads decoded at once (memory is bounded by this x max_pixels)")
+    max_connections: int = Field(256, ge=1, description="open connections and requests before 503 (uvicorn)")
+    keepalive_s: float = Field(5.0, gt=0, description="an idle keep-alive connection is closed after this")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads for the inference worker")
     warmup: bool = True

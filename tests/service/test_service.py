@@ -238,3 +238,15 @@ def test_json_body_of_errors_is_json(make_client):
     client, _ = make_client()
     response = post(client, b"")
     assert json.loads(response.content)["detail"]
+
+
+def test_the_browser_page_and_its_static_files_are_served(make_client, photo):
+    client, _ = make_client()
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for asset in ("/static/app.js", "/static/style.css"):
+        assert asset in page.text and client.get(asset).status_code == 200
+    assert 'for="file"' in page.text and 'role="alert"' in page.text  # labelled input, announced errors
+    response = post(client, png_bytes(photo), quality="best")
+    spent, widest = (float(response.headers[name]) for name in ("DDSNet-GFLOPs", "DDSNet-GFLOPs-Widest"))
+    assert widest > 0 and spent >= widest  # best is the widest; its FLOPs and the gate-free widest's agree
