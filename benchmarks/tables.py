@@ -59,7 +59,8 @@ def quality_table(report: dict) -> str:
             if row and s == speed_sigma:
                 speed = f"{row['images_per_second']:.2f}"
         lines.append(f"| {peer} | {mflops} | " + " | ".join(cells) + f" | {speed} |")
-    histogram = {s: report["results"][s]["auto"].get("subnet_histogram") for s in sigmas}
+    auto = {s: report["results"][s]["auto"] for s in sigmas}
+    histogram = {s: row.get("subnet_histogram", row.get("width_histogram")) for s, row in auto.items()}
     lines.append("")
     lines.append("`auto` picked sub-networks (count per index, widest first): "
                  + "; ".join(f"σ={s}: {h}" for s, h in histogram.items()))

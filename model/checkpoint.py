@@ -43,9 +43,10 @@ class CheckpointError(Exception):
     """The file cannot be used as a ddsnet checkpoint; the message says why."""
 
 
-# Bounds of the metadata schema: far above any real ddsnet, far below what would exhaust a machine.
+# Bounds of the metadata schema, far above any real ddsnet. They keep the configs sane; what bounds memory is
+# the comparison of the implied tensor shapes with the file's (``_check_shapes``), before anything is built.
 MAX_CHANNELS = 2048
-MAX_LEVELS = 8
+MAX_LEVELS = 6  # a size multiple of at most 32, so the 64-pixel warm-up and the smallest tiles fit
 MAX_BLOCKS = 64
 MAX_SUBNETS = 64
 MAX_TABLE_ENTRIES = 64
@@ -89,13 +90,13 @@ def check_document(document) -> None:
     for key in ("enc_blocks", "dec_blocks"):
         if key in model:
             _integers(model[key], f"model.{key}", 0, MAX_BLOCKS, levels - 1, levels - 1)
-    for key, low, high in (("in_channels", 1, 4), ("body_blocks", 0, MAX_BLOCKS), ("steps_per_width", 1, 64),
+    for key, low, high in (("in_channels", 3, 3), ("body_blocks", 0, MAX_BLOCKS), ("steps_per_width", 1, 64),
                            ("min_steps", 1, 64)):
         if key in model:
             _integer(model[key], f"model.{key}", low, high)
     gate = _mapping(document.get("gate"), "gate", {"config", "trained"})
     gate_config = _mapping(gate.get("config"), "gate.config", {f.name for f in fields(GateConfig)})
-    for key, low, high in (("in_channels", 1, 4), ("num_subnets", 1, MAX_SUBNETS), ("hidden", 1, MAX_CHANNELS)):
+    for key, low, high in (("in_channels", 3, 3), ("num_subnets", 1, MAX_SUBNETS), ("hidden", 1, MAX_CHANNELS)):
         if key in gate_config:
             _integer(gate_config[key], f"gate.config.{key}", low, high)
     if "features" in gate_config:

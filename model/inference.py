@@ -43,6 +43,8 @@ class Denoiser:
         self.subnets = checkpoint.subnets
         self.gate_trained = checkpoint.gate_trained
         self.provenance = checkpoint.provenance
+        if tile < self.net.config.size_multiple or tile % self.net.config.size_multiple:
+            raise ValueError(f"tile {tile} must be a positive multiple of {self.net.config.size_multiple}")
         self.tile = tile
         self.margin = default_margin(self.net) if margin is None else margin
         costs = [s.mflops_per_pixel for s in self.subnets]

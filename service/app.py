@@ -22,6 +22,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTex
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
+from starlette._utils import get_route_path
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model import CheckpointError, Denoiser, Quality, load_checkpoint
@@ -102,7 +103,7 @@ class UploadLimit:
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/denoise" or scope["method"] != "POST":
+        if scope["type"] != "http" or get_route_path(scope) != "/denoise" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
@@ -168,11 +169,11 @@ def build_app(settings: Settings | None = None, on_batch=None) -> FastAPI:
         engine.start()
         app.state.engine = engine
         app.state.device = device
-        if settings.warmup:
-            await engine.warm_up()
-        app.state.ready = True
-        metrics.ready.set(1)
         try:
+            if settings.warmup:
+                await engine.warm_up()
+            app.state.ready = True
+            metrics.ready.set(1)
             yield
         finally:
             app.state.ready = False
@@ -201,7 +202,7 @@ def build_app(settings: Settings | None = None, on_batch=None) -> FastAPI:
 
     def refusal(request: Request) -> Response | None:
         """/denoise always needs the key (when one is set), the operations paths with ``protect_operations``."""
-        path = request.url.path
+        path = get_route_path(request.scope)  # as the router matches it, behind any root path
         guarded = path == "/denoise" or (settings.protect_operations and path in OPERATIONS_PATHS)
         if not guarded or authorized(request):
             return None

@@ -145,9 +145,14 @@ class Engine:
         return job
 
     def cancel(self, job: Job, reason: str) -> None:
-        """Drop the job's queued tiles; tiles already in a running batch finish and are discarded."""
+        """Drop the job's queued tiles; on the CPU its windows in a running batch are skipped."""
         if job.cancelled or job.future.done():
             return
+        self._drop(job, reason)
+        job.future.cancel()
+
+    def _drop(self, job: Job, reason: str) -> None:
+        """Mark ``job`` cancelled and remove its queued tiles, counting them under ``reason``."""
         job.cancelled = True
         dropped = 0
         for key, queue in self.queues.items():
@@ -157,7 +162,13 @@ class Engine:
         self._count_queued(job.subnet, -dropped)
         if dropped:
             self.metrics.dropped_tiles.labels(reason).inc(dropped)
-        job.future.cancel()
+
+    def _fail(self, jobs: list[Job], error: BaseException) -> None:
+        """A batch failed: its requests get the error, and their other tiles are dropped unrun."""
+        for job in dict.fromkeys(jobs):
+            if not job.future.done():
+                self._drop(job, "inference_error")
+                job.future.set_exception(error)
 
     def _count_queued(self, subnet: int, delta: int) -> None:
         self.queued_tiles += delta
@@ -171,7 +182,8 @@ class Engine:
         while True:
             key = self._oldest_queue()
             if key is None:
-                release_free_memory()  # idle: give the freed image and activation buffers back to the OS
+                # Idle: give the freed image and activation buffers back to the OS, off the event loop.
+                await self.run_on_worker(release_free_memory)
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
@@ -186,7 +198,10 @@ class Engine:
                 continue
             batch = [queue.popleft() for _ in range(min(self.max_batch_tiles, len(queue)))]
             self._count_queued(key[0], -len(batch))
-            await self._run_batch(key[0], batch)
+            try:
+                await self._run_batch(key[0], batch)
+            except Exception as error:  # noqa: BLE001 - one bad batch fails its requests, never the scheduler
+                self._fail([work.job for work in batch], error)
 
     async def _run_batch(self, subnet: int, batch: list[TileWork]) -> None:
         batch = [work for work in batch if not work.job.cancelled]
@@ -203,10 +218,8 @@ class Engine:
             self.on_batch(subnet, [work.job for work in batch])
         try:
             outputs = await self.run_on_worker(self._compute, windows, subnet, [work.job for work in batch])
-        except Exception as error:  # a failed batch fails its requests, never the scheduler
-            for work in batch:
-                if not work.job.future.done():
-                    work.job.future.set_exception(error)
+        except Exception as error:  # noqa: BLE001 - a failed batch fails its requests, never the scheduler
+            self._fail([work.job for work in batch], error)
             return
         elapsed = time.perf_counter() - started
         self.metrics.inference_seconds.labels(label).observe(elapsed)

@@ -7,9 +7,11 @@ multi-page files (whose other frames would be lost).
 
 A file too short for the size its header declares is refused before it is decoded: a decoder fed a
 patched header would otherwise fill the missing pixels and spend the memory and time of the declared size.
-The floors (:data:`MIN_PIXELS_PER_BYTE`) are far below what any real encoder reaches: JPEG spends at least
-one bit per 8x8 block, deflate (PNG) compresses at most about 1032:1, and the other formats' run-length and
-back-reference codes cover at most a few thousand pixels per bit.
+The floors (:data:`MIN_PIXELS_PER_BYTE`) are far below what any real encoder reaches: Huffman-coded JPEG
+spends at least one bit per 8x8 block, deflate (PNG) compresses at most about 1032:1 and BMP's and TIFF's
+run-length, LZW and fax codes at most a few thousand pixels per byte. WebP and arithmetic-coded JPEG have no
+floor: their entropy coders can spend almost nothing on a flat image, so a tiny file may honestly hold a
+large one. What bounds memory for every format is ``max_pixels`` and the number of decodes at once.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ SUPPORTED_FORMATS = {"PNG", "JPEG", "MPO", "TIFF", "WEBP", "BMP"}
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP", "tiff": "TIFF", "tif": "TIFF"}
 MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "TIFF": "image/tiff"}
 # The most pixels one byte of a well-formed file can hold, per format (see the module docstring).
-MIN_PIXELS_PER_BYTE_DEFAULT = 65536
-MIN_PIXELS_PER_BYTE = {"JPEG": 1024, "MPO": 1024, "PNG": 10000}
+MIN_PIXELS_PER_BYTE = {"JPEG": 1024, "MPO": 1024, "PNG": 20000, "BMP": 65536, "TIFF": 65536}
+ARITHMETIC_JPEG_MARKERS = (b"\xff\xc9", b"\xff\xca", b"\xff\xcb", b"\xff\xcd", b"\xff\xce", b"\xff\xcf")
 # What else a malformed header can make Pillow raise while it opens a file.
 HEADER_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, TypeError, struct.error)
 
@@ -83,14 +85,17 @@ def probe(data: bytes, max_pixels: int | None = None) -> Image.Image:
         raise ImageError("corrupt", f"image header declares a {width}x{height} image")
     if max_pixels is not None and width * height > max_pixels:
         raise ImageError("too_large", f"image is {width}x{height} = {width * height} pixels, the limit is {max_pixels}")
-    floor = width * height // MIN_PIXELS_PER_BYTE.get(image.format, MIN_PIXELS_PER_BYTE_DEFAULT)
-    if len(data) < floor:
-        raise ImageError("corrupt", f"the file has {len(data)} bytes, too few for the {width}x{height} image its "
-                                    f"header declares (a {image.format} file of that size has at least {floor})")
-    if getattr(image, "n_frames", 1) > 1:
+    arithmetic = image.format in ("JPEG", "MPO") and any(m in data[:65536] for m in ARITHMETIC_JPEG_MARKERS)
+    if image.format in MIN_PIXELS_PER_BYTE and not arithmetic:
+        floor = width * height // MIN_PIXELS_PER_BYTE[image.format]
+        if len(data) < floor:
+            raise ImageError("corrupt", f"the file has {len(data)} bytes, too few for the {width}x{height} image "
+                                        f"its header declares (a {image.format} file that size has {floor} or more)")
+    # MPO: a camera JPEG with extra images (a preview, a gain map); the photo itself is the first frame.
+    if image.format != "MPO" and getattr(image, "n_frames", 1) > 1:
         raise ImageError("unsupported", f"animated or multi-page {image.format} files are not supported "
                                         "(every frame but the first would be lost); send one frame")
-    if image.mode == "I":
+    if image.mode == "I" and _png_bit_depth(data) != (16, 0):  # Pillow < 10.3 opens 16-bit grey PNGs as "I"
         raise ImageError("unsupported", "32-bit integer images are not supported; 8-bit and 16-bit are")
     png = _png_bit_depth(data)
     if png and png[0] == 16 and png[1] in (2, 4, 6):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.checkpoint import DEFAULT_CHECKPOINT
@@ -14,7 +14,7 @@ class Settings(BaseSettings):
 
     checkpoint: str = DEFAULT_CHECKPOINT
     device: str = Field("auto", description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
-    tile: int = Field(DEFAULT_TILE, description="core side of a tile, pixels (a multiple of 8)")
+    tile: int = Field(DEFAULT_TILE, ge=8, description="core side of a tile, pixels (a multiple of 8)")
     max_batch_tiles: int = Field(4, ge=1, description="most tiles in one batch (1 turns batching off)")
     max_wait_ms: float = Field(5.0, ge=0, description="longest a batch waits to fill up")
     max_queue_tiles: int = Field(512, ge=1, description="queued tiles over all widths before 503")
@@ -23,8 +23,18 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(300.0, gt=0)
     api_key: str | None = Field(None, description="when set, requests need 'Authorization: Bearer <key>'")
     protect_operations: bool = Field(False, description="with api_key: /metrics, /info and the API docs need it too")
-    max_decodes: int = Field(2, ge=1, description="uploads decoded at once (memory is bounded by this x max_pixels)")
+    max_decodes: int = Field(2, ge=1, description="uploads decoded at once, each of at most max_pixels")
     max_connections: int = Field(256, ge=1, description="open connections and requests before 503 (uvicorn)")
     keepalive_s: float = Field(5.0, gt=0, description="an idle keep-alive connection is closed after this")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads for the inference worker")
     warmup: bool = True
+
+    @field_validator("api_key")
+    @classmethod
+    def _usable_key(cls, key: str | None) -> str | None:
+        """An empty key means none; a key must be printable ASCII without spaces (an RFC 6750 token)."""
+        if not key:
+            return None
+        if not all("!" <= char <= "~" for char in key):
+            raise ValueError("the API key must be printable ASCII without spaces")
+        return key

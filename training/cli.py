@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pipeline = commands.add_parser("pipeline", help="all three stages in one command, from a profile (gpu, smoke)")
     pipeline.add_argument("--profile", default="gpu", help="gpu, smoke, or a profile YAML (training/recipes/)")
-    pipeline.add_argument("--photos", default="../shared/data/photos", help="a folder with train/ and val/")
+    pipeline.add_argument("--photos", required=True, help="a folder with train/ and val/")
     pipeline.add_argument("--out", required=True, help="the folder every stage writes into")
     pipeline.add_argument("--static", action="store_true",
                           help="train static networks of OUT/tailor's shapes from scratch instead")

@@ -159,4 +159,8 @@ def pair_label(key: float | str) -> str:
 
 def pair_scale(name: str) -> float:
     """The view scale a validation pair's name carries (``photo.png@0.5`` -> 0.5; no suffix -> 1)."""
-    return float(name.rpartition("@")[2]) if "@" in name else 1.0
+    head, at, tail = name.rpartition("@")
+    try:
+        return float(tail) if at else 1.0
+    except ValueError:  # an "@" of the file's own name (icon@2x.png), not a view suffix
+        return 1.0

@@ -201,7 +201,9 @@ def _search(net: SlimUNet, config: TailorStage, log: JsonLog, started: float) ->
 def kept_configurations(checkpoint: Checkpoint, source: str) -> list[WidthConfig]:
     """The K configurations of an already tailored checkpoint's table (``search: false``), widest first."""
     configs = [tuple(s.widths) for s in checkpoint.subnets]
-    if "tailor" not in checkpoint.provenance.get("stages", {}) or configs[0] != tuple(checkpoint.net.widest()):
+    stages = checkpoint.provenance.get("stages", {})
+    tailored = "tailor" in stages or "tailor" in checkpoint.provenance  # the latter: provenance before ddsnet 0.2
+    if not tailored or configs[0] != tuple(checkpoint.net.widest()):
         raise ValueError(f"{source}: search=false needs a tailored checkpoint (stage 2's or stage 3's output), "
                          "whose table lists the sub-networks to keep; this one has not been through stage 2")
     return configs
@@ -313,7 +315,10 @@ def tailor(config: TailorStage, resume: bool = False) -> Path:
         net = compute.module(SlimUNet(SupernetConfig.from_dict(meta["model"])))
         configs = [tuple(c) for c in meta["configs"]]
         started = time.time() - float(meta["elapsed_s"])
-        meta["resumes"] = int(meta.get("resumes", 0)) + 1
+        resumes = meta.get("resumes", 0)
+        meta["resumes"] = (len(resumes) if isinstance(resumes, list) else int(resumes)) + 1
+        meta.setdefault("source_sha256", "")
+        meta.setdefault("data_sha256", data_digests(config.data, train=True))
         save_config(config, out_dir / CONFIG_FILE)
         log.write(resumed_at_step=int(meta["step"]), seconds=round(time.time() - started, 1))
     else:

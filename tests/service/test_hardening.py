@@ -1,4 +1,5 @@
-"""Regression tests for hostile and unlucky input: each case here once crashed, leaked or cost too much."""
+"""Hostile and unlucky input: malformed and deceptive files, hostile checkpoints, cancelled requests, strict
+authentication, and the error contract."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import io
 import json
 import random
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -55,23 +57,61 @@ def jpeg_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
-@pytest.mark.parametrize("bomb", [webp_claiming(6000, 6000), jpeg_claiming(6000, 6000)], ids=["webp", "jpeg"])
-def test_a_tiny_file_whose_header_claims_a_huge_image_is_refused_before_decoding(bomb, make_client):
-    started = time.perf_counter()
+def test_a_tiny_jpeg_whose_header_claims_a_huge_image_is_refused_before_decoding(make_client, monkeypatch):
+    bomb = jpeg_claiming(6000, 6000)
     with pytest.raises(ImageError, match="too few") as caught:
         decode_image(bomb, max_pixels=40_000_000)
-    assert caught.value.reason == "corrupt" and time.perf_counter() - started < 0.5
+    assert caught.value.reason == "corrupt"
     client, batches = make_client()
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("the pixels were decoded"))
     response = post(client, bomb)
     assert response.status_code == 422 and "too few" in response.json()["detail"] and not batches
 
 
-def test_real_files_of_every_format_are_far_above_the_byte_floor():
-    flat = np.full((1024, 1024, 3), 128, np.uint8)  # the most compressible image there is
+def test_real_files_of_every_format_pass_the_byte_floor_even_when_flat():
+    flat = np.full((2048, 2048, 3), 128, np.uint8)  # the most compressible image there is
     for fmt, options in (("PNG", {"optimize": True}), ("JPEG", {"quality": 10}), ("WEBP", {"lossless": True}),
                          ("WEBP", {"quality": 1}), ("TIFF", {"compression": "tiff_deflate"}), ("BMP", {})):
-        decoded = decode_image(encoded(flat, fmt, **options))
-        assert decoded.size == (1024, 1024), fmt
+        data = encoded(flat, fmt, **options)
+        assert decode_image(data).size == (2048, 2048), (fmt, len(data))
+    # A flat lossless WebP spends almost nothing per pixel: a file of tens of bytes may honestly hold
+    # 36 MP. It is decoded, within max_pixels; what bounds memory is the number of decodes at once.
+    assert len(webp_claiming(6000, 6000)) < 100
+
+
+def test_at_most_max_decodes_uploads_are_decoded_at_once(make_client, photo, monkeypatch):
+    import service.app
+
+    client, _ = make_client(max_decodes=1)
+    running, most = [0], [0]
+    original = service.app.decode_image
+
+    def tracked(*args, **kwargs):
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        try:
+            time.sleep(0.02)
+            return original(*args, **kwargs)
+        finally:
+            running[0] -= 1
+
+    monkeypatch.setattr(service.app, "decode_image", tracked)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(6) as pool:
+        statuses = list(pool.map(lambda _: post(client, png_bytes(photo), quality="fast").status_code, range(6)))
+    assert statuses == [200] * 6 and most[0] == 1
+
+
+def test_a_camera_jpeg_with_extra_images_is_denoised_from_its_first_frame(make_client, photo):
+    frames = [Image.fromarray(photo), Image.fromarray(photo[::2, ::2])]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "MPO", save_all=True, append_images=frames[1:])
+    client, _ = make_client()
+    response = post(client, buffer.getvalue(), "camera.jpg")
+    assert response.status_code == 200
+    with Image.open(io.BytesIO(response.content)) as result:
+        assert result.size == (photo.shape[1], photo.shape[0])
 
 
 def test_a_malformed_png_header_is_a_json_422(make_client):
@@ -119,6 +159,41 @@ def test_a_422_never_echoes_the_request(make_client):
     assert response.status_code == 422
     assert len(response.content) < 1000 and "xxxx" not in response.text
     assert response.json()["detail"].startswith("file")
+
+
+def test_the_api_key_guards_the_routes_behind_a_root_path_too(tiny_checkpoint, photo):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from service.app import build_app
+    from service.settings import Settings
+
+    parent = FastAPI()
+    parent.mount("/ddsnet", build_app(Settings(checkpoint=tiny_checkpoint, tile=64, api_key="s3cret")))
+    response = TestClient(parent).post("/ddsnet/denoise", files={"file": ("x.png", png_bytes(photo))})
+    assert response.status_code == 401
+
+
+def test_an_empty_api_key_means_none_and_a_key_with_spaces_is_refused():
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    assert Settings(api_key="").api_key is None
+    with pytest.raises(ValidationError, match="printable ASCII"):
+        Settings(api_key="two words")
+
+
+def test_a_tile_that_the_network_cannot_use_is_refused_at_start(tiny_checkpoint):
+    from pydantic import ValidationError
+
+    from model import Denoiser
+    from service.settings import Settings
+
+    with pytest.raises(ValidationError):
+        Settings(tile=0)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        Denoiser(load_checkpoint(tiny_checkpoint), tile=66)
 
 
 def test_the_api_key_is_a_strict_bearer_token_and_refusals_are_counted(make_client, photo):
@@ -181,25 +256,30 @@ def test_a_cancelled_request_stops_costing_compute_at_its_next_tile(make_client)
     engine = client.app.state.engine
     ran: list[int] = []
     original = engine.denoiser.run_windows
+    first_window = threading.Event()
+    cancelled = threading.Event()
 
-    def slow(windows, index):
+    def window_then_wait(windows, index):
         ran.append(len(windows))
-        time.sleep(0.05)
+        first_window.set()
+        cancelled.wait(timeout=30)  # the request is cancelled while its first window runs
         return original(windows, index)
 
-    engine.denoiser.run_windows = slow
-    big = torch.rand(1, 3, 64 * 6, 64 * 6)  # 36 tiles of 64 at tile=64
+    engine.denoiser.run_windows = window_then_wait
+    big = torch.rand(1, 3, 64 * 6, 64 * 6)  # 36 tiles of 64 at tile=64; the first batch takes 8
 
     async def submit_then_cancel():
         job = await engine.submit(big, "best")
-        await asyncio.sleep(0.12)  # the first batch is running
+        while not first_window.is_set():
+            await asyncio.sleep(0.01)
         engine.cancel(job, "client_disconnected")
-        await asyncio.sleep(0.5)
+        cancelled.set()
+        await asyncio.sleep(0.3)  # the rest of the batch: skipped windows never reach run_windows
         return job
 
     job = client.portal.call(submit_then_cancel)
     assert job.cancelled
-    assert sum(ran) <= 4, f"{sum(ran)} of the first batch's 8 windows ran, though the request was cancelled"
+    assert sum(ran) == 1, f"{sum(ran)} of the first batch's 8 windows ran, though the request was cancelled"
 
 
 def hostile_checkpoint(source: str, target: Path, edit=None, tensors_edit=None) -> Path:
@@ -237,10 +317,8 @@ def _set(path: list, value):
 ])
 def test_hostile_checkpoint_metadata_is_one_clear_error_without_allocating(tiny_checkpoint, tmp_path, edit, message):
     path = hostile_checkpoint(tiny_checkpoint, tmp_path / "bad.safetensors", edit)
-    started = time.perf_counter()
     with pytest.raises(CheckpointError, match=message):
         load_checkpoint(path)
-    assert time.perf_counter() - started < 2
 
 
 def test_non_finite_weights_are_refused(tiny_checkpoint, tmp_path):
@@ -279,7 +357,6 @@ def test_a_few_hundred_mutated_uploads_never_get_a_5xx(make_client):
     rng = random.Random(0)
     seeds = seed_files()
     statuses: dict[int, int] = {}
-    started = time.perf_counter()
     for _ in range(300):
         name, data = rng.choice(seeds)
         response = post(client, mutate(data, rng), name)
@@ -287,4 +364,4 @@ def test_a_few_hundred_mutated_uploads_never_get_a_5xx(make_client):
         if response.status_code != 200:
             assert response.headers["content-type"] == "application/json" and response.json()["detail"]
     assert set(statuses) <= {200, 413, 415, 422}, statuses
-    assert statuses.get(422, 0) > 0 and time.perf_counter() - started < 60
+    assert statuses.get(422, 0) > 0

@@ -62,3 +62,10 @@ def test_validation_views_at_several_scales_keep_scale_one_unchanged(half_textur
     assert torch.allclose(half_clean[0, :, :, :60], torch.tensor(128 / 255))
     with pytest.raises(ValueError, match="scales"):
         fixed_noisy_set(half_textured_dir, [25], seed=7, scales=[0.0])
+
+
+def test_a_views_scale_is_read_from_the_suffix_it_was_given_and_not_from_the_files_name():
+    from training.data import pair_scale
+
+    assert pair_scale("photo.png@0.5") == 0.5 and pair_scale("photo.png") == 1.0
+    assert pair_scale("icon@2x.png") == 1.0 and pair_scale("icon@2x.png@0.5") == 0.5

@@ -1,16 +1,12 @@
 """``ddsnet-train pipeline``: the smoke profile runs every stage and the static baselines on the CPU."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from model import load_checkpoint
 from training.cli import main
 from training.pipeline import overrides, read_profile
-
-ROOT = Path(__file__).resolve().parents[2]
-PHOTOS = ROOT.parent / "shared" / "data" / "photos"
 
 
 def test_profiles_name_only_known_sections_and_turn_into_leaf_overrides():
@@ -28,10 +24,9 @@ def test_a_profile_with_an_unknown_section_is_refused(tmp_path):
         read_profile(str(profile))
 
 
-@pytest.mark.skipif(not (PHOTOS / "train").is_dir(), reason=f"the training photos are not at {PHOTOS}")
-def test_the_smoke_profile_runs_all_three_stages_then_the_static_baselines(tmp_path, capsys):
+def test_the_smoke_profile_runs_all_three_stages_then_the_static_baselines(photo_dirs, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["pipeline", "--profile", "smoke", "--photos", str(PHOTOS), "--out", str(out)]) == 0
+    assert main(["pipeline", "--profile", "smoke", "--photos", str(photo_dirs), "--out", str(out)]) == 0
     gated = out / "gate" / "ddsnet.safetensors"
     assert capsys.readouterr().out.strip().endswith(f"wrote {gated}")
     checkpoint = load_checkpoint(gated)
@@ -45,7 +40,7 @@ def test_the_smoke_profile_runs_all_three_stages_then_the_static_baselines(tmp_p
     assert set(summary["seconds"]) == {"supernet", "tailor", "gate"}
     assert {"25", "jpeg80-awgn15"} == set(summary["table"][0]["val_psnr"])
 
-    assert main(["pipeline", "--profile", "smoke", "--photos", str(PHOTOS), "--out", str(out), "--static"]) == 0
+    assert main(["pipeline", "--profile", "smoke", "--photos", str(photo_dirs), "--out", str(out), "--static"]) == 0
     table = json.loads((out / "static" / "table.json").read_text())
     assert [row["widths"] for row in table] == [list(s.widths) for s in checkpoint.subnets]
     for index, row in enumerate(table):
