@@ -212,7 +212,7 @@ EVAL_DEGRADATIONS: dict[str, tuple[str, dict]] = {
     "poisson40": ("poisson_gaussian", {"photons": 40.0, "read_sigma": 2.0}),
     "ramp5-40": ("variant", {"low": 5.0, "high": 40.0, "angle": 0.0}),
     "jpeg80-awgn15": ("jpeg", {"sigma": 15.0, "quality": 80}),
-    "down0.5-awgn30": ("downscale", {"sigma": 30.0, "factor": 0.5}),
+    "down0.7-awgn30": ("downscale", {"sigma": 30.0, "factor": 0.7}),
 }
 
 

@@ -78,6 +78,10 @@ def test_jpeg_noise_is_correlated_and_weaker_than_the_noise_before_compression()
 def test_downscaled_noise_is_the_area_average_of_finer_noise():
     noise = residual("downscale", {"sigma": 30.0, "factor": 0.5})
     assert noise.std().item() == pytest.approx(15.0, rel=0.05)  # the mean of 2x2 independent values
+    # Halving averages disjoint blocks, so the noise stays white; the evaluation's factor does not.
+    assert abs(neighbour_correlation(noise)) < 0.05
+    kind, params = EVAL_DEGRADATIONS["down0.7-awgn30"]
+    assert neighbour_correlation(residual(kind, params)) > 0.2
 
 
 @pytest.mark.parametrize("kind", KINDS)
