@@ -72,13 +72,36 @@ def quality_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def noise_label(key: str) -> str:
+    """``"25"`` -> ``AWGN σ=25``; a named degradation stays as it is."""
+    return f"AWGN σ={key}" if key.replace(".", "", 1).isdigit() else key
+
+
 def val_gap_table(report: dict) -> str:
-    """Ours vs FFDNet on the validation photos, per view scale and sigma."""
-    lines = ["| view | σ | best | auto | fast | FFDNet | best − FFDNet |", "|---|---|---|---|---|---|---|"]
+    """Ours vs FFDNet on the validation photos, per view scale and noise (FFDNet: the true sigma for AWGN,
+    the noise's RMS for the other degradations)."""
+    lines = ["| view | noise | noisy | best | auto | fast | FFDNet | auto − FFDNet |",
+             "|---|---|---|---|---|---|---|---|"]
     for scale, view in report["scales"].items():
-        for sigma, row in view["results"].items():
-            lines.append(f"| scale {scale} | {sigma} | {row['best']:.2f} | {row['auto']:.2f} | {row['fast']:.2f} | "
-                         f"{row['FFDNet']:.2f} | {row['best - FFDNet']:+.2f} |")
+        for noise, row in view["results"].items():
+            noisy = f"{row['noisy']:.2f}" if "noisy" in row else "n/a"
+            lines.append(f"| scale {scale} | {noise_label(noise)} | {noisy} | {row['best']:.2f} | {row['auto']:.2f} | "
+                         f"{row['fast']:.2f} | {row['FFDNet']:.2f} | {row['auto'] - row['FFDNet']:+.2f} |")
+    return "\n".join(lines)
+
+
+def noise_table(report: dict) -> str:
+    """Per noise on the test photos: the input, ddsnet's three qualities and FFDNet (true sigma for AWGN,
+    the noise's RMS for the other degradations)."""
+    lines = ["| noise | noisy input | ddsnet `auto` | `best` | `fast` | FFDNet | auto − FFDNet |",
+             "|---|---|---|---|---|---|---|"]
+    for noise, methods in report["results"].items():
+        peer = report.get("peers", {}).get(noise, {}).get("FFDNet")
+        noisy = methods.get("noisy", {}).get("psnr")
+        cells = [f"{noisy:.2f}" if noisy is not None else "n/a"] + [
+            f"{methods[m]['psnr']:.2f}" for m in ("auto", "best", "fast")]
+        cells += [f"{peer['psnr']:.2f}", f"{methods['auto']['psnr'] - peer['psnr']:+.2f}"] if peer else ["not run"] * 2
+        lines.append(f"| {noise_label(noise)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -112,8 +135,8 @@ def main() -> int:
     print(f"### Sub-networks of {args.checkpoint} (validation PSNR from its metadata)\n")
     print(subnet_table(subnets))
     print()
-    for name, render in (("quality.json", quality_table), ("serve.json", serve_table),
-                         ("val_gap.json", val_gap_table)):
+    for name, render in (("quality.json", quality_table), ("quality.json", noise_table),
+                         ("serve.json", serve_table), ("val_gap.json", val_gap_table)):
         path = Path(args.results) / name
         if path.is_file():
             report = json.loads(path.read_text())

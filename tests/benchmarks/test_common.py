@@ -232,3 +232,13 @@ def test_ship_needs_awgn_held_and_auto_better_on_the_mean_of_validation():
     assert not decide(_val_gap(35.00, 35.10, 29.90), shipped)[0]  # nothing lost, nothing gained
     with pytest.raises(ValueError, match="share no"):
         decide({"scales": {"0.5": {"results": {}}}}, shipped)
+
+
+def test_noise_table_has_one_row_per_noise_with_ffdnet_at_the_rms():
+    report = quality_report(auto_psnr=31.3)
+    report["results"]["jpeg80-awgn15"] = {m: {"psnr": 28.0, "mflops_per_pixel": 0.2} for m in ("auto", "best", "fast")}
+    report["results"]["jpeg80-awgn15"]["noisy"] = {"psnr": 27.3, "noise_rms": 10.6}
+    report["peers"]["jpeg80-awgn15"] = {"FFDNet": {"psnr": 30.5}}
+    rows = tables.noise_table(report).splitlines()[2:]
+    assert rows[0].startswith("| AWGN σ=25 |")
+    assert rows[-1] == "| jpeg80-awgn15 | 27.30 | 28.00 | 28.00 | 28.00 | 30.50 | -2.50 |"
