@@ -25,3 +25,12 @@ AUTO_MIN_GAIN_OVER_FFDNET_RMS_DB = 0.0
 # A candidate checkpoint may lose at most this much PSNR to the shipped one on AWGN, at any sigma, view
 # scale and quality, in dB (benchmarks.ship, on the validation photos).
 AWGN_MAX_DROP_DB = 0.05
+
+# Through the CLI's code path on the test photos (benchmarks.speed): `auto`'s and `fast`'s megapixels per
+# second must be at least these multiples of FFDNet's.
+SPEED_AUTO_VS_FFDNET = 2.0
+SPEED_FAST_VS_FFDNET = 3.5
+
+# Each sub-network's time, as a fraction of the widest's, may differ from its FLOPs fraction by at most this
+# share of it (benchmarks.speed, one 512x512 image).
+SPEED_MAX_DEVIATION_FROM_FLOPS = 0.25

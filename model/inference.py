@@ -38,7 +38,9 @@ class Denoiser:
     """
 
     def __init__(self, checkpoint: Checkpoint, tile: int = DEFAULT_TILE, margin: int | None = None) -> None:
-        self.net: SlimUNet = checkpoint.net
+        # Channels-last: on the CPU the slimmed convolutions run 1.2x (widest) to 2x (slimmest) faster in this
+        # layout (benchmarks/speed.py). The network is converted in place.
+        self.net: SlimUNet = checkpoint.net.to(memory_format=torch.channels_last)
         self.gate: Gate = checkpoint.gate
         self.subnets = checkpoint.subnets
         self.gate_trained = checkpoint.gate_trained
@@ -77,7 +79,8 @@ class Denoiser:
     @torch.inference_mode()
     def run_windows(self, windows: torch.Tensor, index: int) -> torch.Tensor:
         """Run a batch ``(B, 3, h, w)`` of same-shape windows through sub-network ``index``."""
-        return self.net(windows.to(self.device), self.subnets[index].widths).clamp_(0, 1)
+        windows = windows.to(self.device).contiguous(memory_format=torch.channels_last)
+        return self.net(windows, self.subnets[index].widths).clamp_(0, 1)
 
     def window_macs(self, index: int, height: int, width: int) -> int:
         return supernet_macs(self.net, self.subnets[index].widths, height, width)
