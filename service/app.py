@@ -303,7 +303,7 @@ def build_app(settings: Settings | None = None, on_batch=None) -> FastAPI:
         except ImageError as error:
             return fail(IMAGE_ERROR_STATUS[error.reason], str(error), quality.value, error.reason)
         try:
-            job = await engine.submit(decoded.rgb, quality)
+            job = await engine.submit(decoded.rgb, quality, received_at=started)
         except QueueFull as error:
             return fail(503, f"queue full: {error}", quality.value, "queue_full", {"Retry-After": "1"})
         metrics.selections.labels(quality.value, str(job.subnet)).inc()

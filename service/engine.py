@@ -52,6 +52,7 @@ class Job:
     gate_flops: int = 0
     flops: int = 0
     widest_flops: int = 0
+    received_at: float = 0.0  # when the upload arrived (time.perf_counter)
     first_batch_at: float | None = None
     compute_seconds: float = 0.0
     cancelled: bool = False
@@ -95,6 +96,8 @@ class Engine:
         self.queues: dict[tuple[int, tuple[int, int]], deque[TileWork]] = {}
         self.queued_tiles = 0
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddsnet-worker")
+        # The gate has a lane of its own, so that choosing a sub-network never waits behind a running batch.
+        self.gate_lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddsnet-gate")
         self._ids = itertools.count()
         self._wakeup = asyncio.Event()
         self._scheduler: asyncio.Task | None = None
@@ -112,6 +115,7 @@ class Engine:
             except asyncio.CancelledError:
                 pass
         self.worker.shutdown(wait=True)
+        self.gate_lane.shutdown(wait=True)
 
     async def run_on_worker(self, function: Callable, *args):
         return await asyncio.get_running_loop().run_in_executor(self.worker, function, *args)
@@ -119,12 +123,15 @@ class Engine:
     async def warm_up(self) -> None:
         """One small pass of the gate and of every sub-network, so the first request pays no start-up cost."""
         sample = torch.rand(1, 3, 64, 64)
-        await self.run_on_worker(self.denoiser.select, sample, Quality.auto)
+        await asyncio.get_running_loop().run_in_executor(self.gate_lane, self.denoiser.select, sample, Quality.auto)
         for index in range(len(self.denoiser.subnets)):
             await self.run_on_worker(self.denoiser.run_windows, sample, index)
 
-    async def submit(self, noisy: torch.Tensor, quality: Quality) -> Job:
+    async def submit(self, noisy: torch.Tensor, quality: Quality, received_at: float | None = None) -> Job:
         """Select a sub-network and queue the image's tiles; await ``job.future`` for the result.
+
+        ``received_at`` (``time.perf_counter()``; default: now) is when the upload arrived: the result's
+        ``queue_seconds`` counts from it, decode and gate included.
 
         Raises:
             QueueFull: the tiles would overflow ``max_queue_tiles``.
@@ -132,12 +139,13 @@ class Engine:
         image = self.denoiser.split(noisy)
         if self.queued_tiles + len(image.tiles) > self.max_queue_tiles:
             raise QueueFull(f"{self.queued_tiles} tiles queued; this image needs {len(image.tiles)} more")
-        subnet, gate_macs = await self.run_on_worker(self.denoiser.select, noisy, quality)
+        subnet, gate_macs = await asyncio.get_running_loop().run_in_executor(
+            self.gate_lane, self.denoiser.select, noisy, quality)
         if self.queued_tiles + len(image.tiles) > self.max_queue_tiles:
             raise QueueFull(f"{self.queued_tiles} tiles queued; this image needs {len(image.tiles)} more")
         now = time.perf_counter()
         job = Job(next(self._ids), image, subnet, asyncio.get_running_loop().create_future(), len(image.tiles), now,
-                  gate_flops=2 * gate_macs)
+                  gate_flops=2 * gate_macs, received_at=now if received_at is None else received_at)
         for index, tile in enumerate(image.tiles):
             self.queues.setdefault((subnet, tile.shape), deque()).append(TileWork(job, index, now))
         self._count_queued(subnet, len(image.tiles))
@@ -182,9 +190,10 @@ class Engine:
         while True:
             key = self._oldest_queue()
             if key is None:
+                # Cleared before the trim, so that a submit while the trim runs still wakes the wait below.
+                self._wakeup.clear()
                 # Idle: give the freed image and activation buffers back to the OS, off the event loop.
                 await self.run_on_worker(release_free_memory)
-                self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
             queue = self.queues[key]
@@ -254,6 +263,6 @@ class Engine:
         self.metrics.flops.labels(label).inc(flops)
         self.metrics.flops_widest.inc(job.widest_flops)
         self.metrics.pixels.inc(job.image.height * job.image.width)
-        queue_seconds = (job.first_batch_at or job.enqueued_at) - job.enqueued_at
+        queue_seconds = (job.first_batch_at or job.enqueued_at) - job.received_at
         job.future.set_result(EngineResult(job.image.result(), job.subnet, flops, queue_seconds, job.compute_seconds,
                                            job.widest_flops))

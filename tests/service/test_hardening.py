@@ -365,3 +365,65 @@ def test_a_few_hundred_mutated_uploads_never_get_a_5xx(make_client):
             assert response.headers["content-type"] == "application/json" and response.json()["detail"]
     assert set(statuses) <= {200, 413, 415, 422}, statuses
     assert statuses.get(422, 0) > 0
+
+
+def test_the_gate_does_not_wait_behind_a_running_batch(make_client):
+    client, _ = make_client(max_batch_tiles=1, max_wait_ms=0)
+    engine = client.app.state.engine
+    original = engine.denoiser.run_windows
+    batch_running, release = threading.Event(), threading.Event()
+
+    def held(windows, index):
+        batch_running.set()
+        release.wait(timeout=30)
+        return original(windows, index)
+
+    engine.denoiser.run_windows = held
+
+    async def gate_while_a_batch_runs():
+        first = await engine.submit(torch.rand(1, 3, 64, 64), "best")
+        while not batch_running.is_set():
+            await asyncio.sleep(0.01)
+        second = await asyncio.wait_for(engine.submit(torch.rand(1, 3, 64, 64), "auto"), timeout=10)
+        gated_while_held = not release.is_set()
+        release.set()
+        await asyncio.wait_for(asyncio.gather(first.future, second.future), timeout=30)
+        return gated_while_held
+
+    assert client.portal.call(gate_while_a_batch_runs)
+
+
+def test_queue_time_counts_from_the_upload(make_client):
+    client, _ = make_client()
+    engine = client.app.state.engine
+
+    async def submit_received_earlier():
+        received = time.perf_counter() - 0.5  # the upload arrived half a second before the submit
+        job = await engine.submit(torch.rand(1, 3, 64, 64), "fast", received_at=received)
+        return await job.future
+
+    assert client.portal.call(submit_received_earlier).queue_seconds >= 0.5
+
+
+def test_a_request_that_arrives_while_the_idle_engine_trims_memory_is_still_served(make_client, monkeypatch):
+    import service.engine
+
+    client, _ = make_client()
+    engine = client.app.state.engine
+    trimming = threading.Event()
+
+    def slow_trim():
+        trimming.set()
+        time.sleep(0.3)
+
+    monkeypatch.setattr(service.engine, "release_free_memory", slow_trim)
+
+    async def submit_during_the_trim():
+        first = await engine.submit(torch.rand(1, 3, 64, 64), "fast")
+        await first.future  # the queue drains: the scheduler goes idle and trims
+        while not trimming.is_set():
+            await asyncio.sleep(0.01)
+        second = await engine.submit(torch.rand(1, 3, 64, 64), "fast")
+        return await asyncio.wait_for(second.future, timeout=10)
+
+    assert client.portal.call(submit_during_the_trim).subnet == 2
