@@ -100,6 +100,18 @@ class StepBatches(IterableDataset):
             yield clean, noisy_batch(clean, self.data, generator, self.sampler.rng)
 
 
+def next_batch(batches: Iterator | None, sampler: PatchSampler, data, generator: torch.Generator, batch: int,
+               crop: int, compute: Compute) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's ``(clean, noisy)`` on the compute device: from the workers' ``batches`` when there are
+    workers, else cut by ``sampler`` and corrupted in this process."""
+    if batches is None:
+        clean = sampler.sample(batch, crop)
+        noisy = noisy_batch(clean, data, generator, sampler.rng)
+    else:
+        clean, noisy = next(batches)
+    return compute.tensor(clean), compute.tensor(noisy)
+
+
 def worker_batches(data, seed: int, start: int, stop: int, shape: Callable[[int], tuple[int, int]],
                    workers: int, pin_memory: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The batches of :class:`StepBatches` through a DataLoader with ``workers`` processes."""

@@ -26,9 +26,9 @@ from model.gate import Gate, GateConfig
 from model.metrics import psnr
 from model.tiling import denoise_whole
 from training.common import JsonLog
-from training.compute import Compute, worker_batches
+from training.compute import Compute, next_batch, worker_batches
 from training.config import CONFIG_FILE, GateStage, save_config
-from training.data import PatchSampler, fixed_noisy_set, noisy_batch, pair_label, pair_scale
+from training.data import PatchSampler, fixed_noisy_set, pair_label, pair_scale
 from training.provenance import data_digests, provenance, source_digest, stage_record
 
 GATED_FILE = "ddsnet.safetensors"
@@ -181,12 +181,7 @@ def train_gate(config: GateStage) -> Path:
 
     for step in tqdm(range(1, config.steps + 1), desc="gate", dynamic_ncols=True):
         lr = config.lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / config.steps))
-        if batches is None:
-            clean = sampler.sample(config.batch_size, config.crop)
-            noisy = noisy_batch(clean, config.data, generator, sampler.rng)
-        else:
-            clean, noisy = next(batches)
-        clean, noisy = compute.tensor(clean), compute.tensor(noisy)
+        clean, noisy = next_batch(batches, sampler, config.data, generator, config.batch_size, config.crop, compute)
         psnrs = subnet_psnrs(net, subnets, noisy, clean)
         record = {"step": step, "lr": round(lr, 6)}
         for delta, gate in gates.items():

@@ -20,9 +20,9 @@ from model.checkpoint import Subnet, load_checkpoint, save_checkpoint
 from model.gate import Gate, GateConfig
 from model.supernet import SlimUNet
 from training.common import JsonLog, cosine_lr, psnr_by_sigma
-from training.compute import Compute, worker_batches
+from training.compute import Compute, next_batch, worker_batches
 from training.config import CONFIG_FILE, StaticStage, save_config
-from training.data import PatchSampler, fixed_noisy_set, noisy_batch
+from training.data import PatchSampler, fixed_noisy_set
 from training.provenance import data_digests, provenance, source_digest, stage_record
 from training.supernet import check_loss, crop_for_step, reconstruction_loss
 
@@ -53,12 +53,7 @@ def train_one(config: StaticStage, widths: tuple[int, ...], template: SlimUNet, 
         lr = cosine_lr(step, config.steps, config.lr, config.lr_min, config.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if batches is None:
-            clean = sampler.sample(batch, crop)
-            noisy = noisy_batch(clean, data, generator, sampler.rng)
-        else:
-            clean, noisy = next(batches)
-        clean, noisy = compute.tensor(clean), compute.tensor(noisy)
+        clean, noisy = next_batch(batches, sampler, data, generator, batch, crop, compute)
         optimizer.zero_grad(set_to_none=True)
         with compute.autocast():
             loss = reconstruction_loss(config.loss, net(noisy, widths).float(), clean, eps=config.log_mse_eps)

@@ -28,9 +28,9 @@ from training.common import (
     rng_state,
     save_train_state,
 )
-from training.compute import Compute, worker_batches
+from training.compute import Compute, next_batch, worker_batches
 from training.config import CONFIG_FILE, SandwichLoss, SupernetStage, save_config
-from training.data import PatchSampler, fixed_noisy_set, noisy_batch
+from training.data import PatchSampler, fixed_noisy_set
 from training.provenance import data_digests, provenance, source_digest, stage_record
 
 STATE_FILE = "state.safetensors"
@@ -182,12 +182,7 @@ def train_supernet(config: SupernetStage, resume: bool = False) -> Path:
         lr = cosine_lr(step, config.steps, config.lr, config.lr_min, config.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if batches is None:
-            clean = sampler.sample(batch, crop)
-            noisy = noisy_batch(clean, config.data, generator, sampler.rng)
-        else:
-            clean, noisy = next(batches)
-        clean, noisy = compute.tensor(clean), compute.tensor(noisy)
+        clean, noisy = next_batch(batches, sampler, config.data, generator, batch, crop, compute)
 
         optimizer.zero_grad(set_to_none=True)
         members = [slimmest] + [net.random_widths(width_rng) for _ in range(config.random_widths)]

@@ -32,9 +32,9 @@ from training.common import (
     read_state_meta,
     save_train_state,
 )
-from training.compute import Compute, worker_batches
+from training.compute import Compute, next_batch, worker_batches
 from training.config import CONFIG_FILE, TailorStage, save_config
-from training.data import PatchSampler, fixed_noisy_set, noisy_batch
+from training.data import PatchSampler, fixed_noisy_set
 from training.provenance import data_digests, provenance, source_digest, stage_record
 from training.supernet import check_loss, check_save_every, sandwich_backward
 
@@ -260,12 +260,8 @@ def finetune(net: SlimUNet, configs: list[WidthConfig], config: TailorStage, log
         lr = cosine_lr(step, config.finetune_steps, config.finetune_lr, 0.0, 0)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if batches is None:
-            clean = sampler.sample(config.finetune_batch, config.finetune_crop)
-            noisy = noisy_batch(clean, data, generator, sampler.rng)
-        else:
-            clean, noisy = next(batches)
-        clean, noisy = compute.tensor(clean), compute.tensor(noisy)
+        clean, noisy = next_batch(batches, sampler, data, generator, config.finetune_batch, config.finetune_crop,
+                                  compute)
         optimizer.zero_grad(set_to_none=True)
         with compute.autocast():
             loss_widest, member_losses = sandwich_backward(net, noisy, clean, members, config)

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import shutil
-import socket
-import threading
-import time
 
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 
 from service.app import build_app
 from service.settings import Settings
+from tests.service.conftest import uvicorn_server
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -23,19 +20,8 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="Chromium and 
 
 @pytest.fixture
 def server_url(tiny_checkpoint):
-    app = build_app(Settings(checkpoint=tiny_checkpoint, tile=64))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    with uvicorn_server(build_app(Settings(checkpoint=tiny_checkpoint, tile=64))) as (base, _):
+        yield base
 
 
 @pytest.fixture

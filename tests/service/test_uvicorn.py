@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import socket
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 
 from service.app import build_app
 from service.settings import Settings
-from tests.service.conftest import metric_value, png_bytes
+from tests.service.conftest import metric_value, png_bytes, uvicorn_server
 
 
 @pytest.fixture
@@ -21,19 +19,8 @@ def live_server(tiny_checkpoint):
     # Tiles wait up to 3 s for a batch to fill, which leaves the client time to hang up first.
     settings = Settings(checkpoint=tiny_checkpoint, tile=64, max_wait_ms=3000, max_batch_tiles=64)
     app = build_app(settings, on_batch=lambda subnet, jobs: batches.append((subnet, jobs)))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}", port, batches
-    server.should_exit = True
-    thread.join(timeout=30)
+    with uvicorn_server(app) as (base, port):
+        yield base, port, batches
 
 
 def test_disconnected_client_tiles_are_dropped_before_they_run(live_server, photo):
