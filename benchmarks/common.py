@@ -48,11 +48,13 @@ def base_url(url_or_port: str | int) -> str:
     return f"http://127.0.0.1:{url_or_port}" if isinstance(url_or_port, int) else url_or_port.rstrip("/")
 
 
-def wait_ready(url_or_port: str | int, timeout: float = 120, server: subprocess.Popen | None = None) -> None:
-    """Poll ``/readyz`` until it answers 200.
+def wait_ready(url_or_port: str | int, timeout: float = 120, server: subprocess.Popen | None = None,
+               path: str = "/readyz") -> None:
+    """Poll ``path`` (ddsnet's ``/readyz`` unless told otherwise) until it answers 200.
 
     Args:
         url_or_port: the server's base URL, or its port on 127.0.0.1.
+        path: the readiness endpoint (Prometheus: ``/-/ready``).
         timeout: seconds to wait in all.
         server: the server's process, if this process started it: its death ends the wait at once.
 
@@ -60,7 +62,7 @@ def wait_ready(url_or_port: str | int, timeout: float = 120, server: subprocess.
         RuntimeError: the server process exited (the message gives its exit status and command).
         TimeoutError: no 200 within ``timeout`` seconds.
     """
-    url = f"{base_url(url_or_port)}/readyz"
+    url = f"{base_url(url_or_port)}{path}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server is not None and server.poll() is not None:

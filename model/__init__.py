@@ -10,7 +10,7 @@ from model.checkpoint import (
 )
 from model.flops import gate_macs, supernet_macs, supernet_mflops_per_pixel
 from model.gate import Gate, GateConfig
-from model.inference import Denoiser, DenoiseResult, Quality
+from model.inference import Denoiser, DenoiseResult, Quality, resolve_device
 from model.supernet import SlimUNet, SupernetConfig, WidthConfig
 from model.tiling import denoise_tiled, denoise_whole
 
@@ -31,6 +31,7 @@ __all__ = [
     "denoise_whole",
     "gate_macs",
     "load_checkpoint",
+    "resolve_device",
     "save_checkpoint",
     "supernet_macs",
     "supernet_mflops_per_pixel",

@@ -29,6 +29,13 @@ class DenoiseResult:
     flops: int  # network and gate, margins and padding included
 
 
+def resolve_device(name: str) -> torch.device:
+    """``"auto"``: CUDA when it is available, else the CPU; any other name as torch reads it (``"cuda:1"``)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 class Denoiser:
     """Holds a loaded checkpoint and runs it. Stateless per call, so one instance serves many threads.
 

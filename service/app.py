@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from starlette._utils import get_route_path
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model import CheckpointError, Denoiser, Quality, load_checkpoint
+from model import CheckpointError, Denoiser, Quality, load_checkpoint, resolve_device
 from service.engine import Engine, QueueFull
 from service.imaging import ImageError, check_output_format, decode_image, encode_image, media_type
 from service.metrics import Metrics
@@ -79,12 +79,6 @@ class OutputFormat(str, Enum):
     png = "png"
     jpeg = "jpeg"
     webp = "webp"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class UploadLimit:
@@ -195,10 +189,14 @@ def build_app(settings: Settings | None = None, on_batch=None) -> FastAPI:
         match = BEARER.fullmatch(request.headers.get("authorization", ""))
         return match is not None and secrets.compare_digest(match.group(1).encode(), settings.api_key.encode())
 
+    def fail(status: int, detail: str, quality: str, reason: str, headers: dict | None = None) -> JSONResponse:
+        """A refused request: counted under ``reason`` and under its status, answered in the error schema."""
+        metrics.rejections.labels(reason).inc()
+        metrics.requests.labels(quality, str(status)).inc()
+        return error_response(status, detail, headers)
+
     def unauthorized(quality: str) -> JSONResponse:
-        metrics.rejections.labels("unauthorized").inc()
-        metrics.requests.labels(quality, "401").inc()
-        return error_response(401, ERRORS[401], {"WWW-Authenticate": "Bearer"})
+        return fail(401, ERRORS[401], quality, "unauthorized", {"WWW-Authenticate": "Bearer"})
 
     def refusal(request: Request) -> Response | None:
         """/denoise always needs the key (when one is set), the operations paths with ``protect_operations``."""
@@ -260,11 +258,6 @@ def build_app(settings: Settings | None = None, on_batch=None) -> FastAPI:
                               "description": "Prometheus text exposition format"}, **error_responses(401)})
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    def fail(status: int, detail: str, quality: str, reason: str, headers: dict | None = None) -> JSONResponse:
-        metrics.rejections.labels(reason).inc()
-        metrics.requests.labels(quality, str(status)).inc()
-        return error_response(status, detail, headers)
 
     @app.post(
         "/denoise",

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from model.inference import resolve_device
 from training.data import PatchSampler, noisy_batch
 
 
@@ -44,10 +45,7 @@ class Compute:
     """A resolved :class:`ComputeConfig`: the device, and how tensors and modules are placed on it."""
 
     def __init__(self, config: ComputeConfig) -> None:
-        name = config.device
-        if name == "auto":
-            name = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(name)
+        self.device = resolve_device(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"compute.device is {config.device!r}, but CUDA is not available")
         self.config = config

@@ -57,27 +57,9 @@ class SandwichLoss:
 
 
 @dataclass
-class SupernetStage(SandwichLoss):
-    """Stage 1: sandwich-rule training with in-place distillation."""
+class RunOptions:
+    """What every stage takes besides its own settings."""
 
-    out_dir: str = "runs/supernet"
-    model: dict = field(default_factory=dict)
-    data: DataConfig = field(default_factory=DataConfig)
-    steps: int = 3000
-    # [fraction of training at which it starts, crop side, batch size]
-    crop_schedule: list[list[float]] = field(default_factory=lambda: [[0.0, 64, 16], [0.5, 96, 12], [0.8, 128, 8]])
-    lr: float = 5e-4
-    lr_min: float = 1e-6
-    warmup_steps: int = 100
-    random_widths: int = 2
-    ema_decay: float = 0.999
-    log_every: int = 10
-    val_every: int = 250
-    save_every: int = 50
-    max_minutes: float = 0.0  # > 0: save and stop after this long, to be continued with --resume
-    stop_at: int = 0  # > 0: save and stop after this step, to be continued with --resume
-    init_from: str = ""  # a ddsnet checkpoint whose supernet weights start a fresh (non --resume) run
-    seed: int = 0
     # The name of the recipe this run belongs to (e.g. "ddsnet-color"), recorded in the checkpoint's provenance.
     recipe: str = ""
     # Device, bf16 autocast, channels-last and batch workers (see ``training.compute``).
@@ -85,7 +67,37 @@ class SupernetStage(SandwichLoss):
 
 
 @dataclass
-class TailorStage(SandwichLoss):
+class Schedule:
+    """Stage 1's schedule, which the static baselines train on too."""
+
+    steps: int = 3000
+    # [fraction of training at which it starts, crop side, batch size]
+    crop_schedule: list[list[float]] = field(default_factory=lambda: [[0.0, 64, 16], [0.5, 96, 12], [0.8, 128, 8]])
+    lr: float = 5e-4
+    lr_min: float = 1e-6
+    warmup_steps: int = 100
+    ema_decay: float = 0.999
+    log_every: int = 10
+    seed: int = 0
+
+
+@dataclass
+class SupernetStage(RunOptions, Schedule, SandwichLoss):
+    """Stage 1: sandwich-rule training with in-place distillation."""
+
+    out_dir: str = "runs/supernet"
+    model: dict = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    random_widths: int = 2
+    val_every: int = 250
+    save_every: int = 50
+    max_minutes: float = 0.0  # > 0: save and stop after this long, to be continued with --resume
+    stop_at: int = 0  # > 0: save and stop after this step, to be continued with --resume
+    init_from: str = ""  # a ddsnet checkpoint whose supernet weights start a fresh (non --resume) run
+
+
+@dataclass
+class TailorStage(RunOptions, SandwichLoss):
     """Stage 2: greedy progressive channel tailoring (AutoSlim), then optionally a short fine-tune."""
 
     supernet: str = "runs/supernet/supernet.safetensors"
@@ -122,14 +134,10 @@ class TailorStage(SandwichLoss):
     max_minutes: float = 0.0
     stop_at: int = 0
     seed: int = 0
-    # The name of the recipe this run belongs to (e.g. "ddsnet-color"), recorded in the checkpoint's provenance.
-    recipe: str = ""
-    # Device, bf16 autocast, channels-last and batch workers (see ``training.compute``).
-    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
 
 @dataclass
-class GateStage:
+class GateStage(RunOptions):
     """Stage 3: gate training on online labels (smallest sub-network within ``delta_db`` of the widest)."""
 
     tailored: str = "runs/tailor/tailored.safetensors"
@@ -152,30 +160,16 @@ class GateStage:
     log_every: int = 10
     save_dtype: str = "float32"
     seed: int = 0
-    # The name of the recipe this run belongs to (e.g. "ddsnet-color"), recorded in the checkpoint's provenance.
-    recipe: str = ""
-    # Device, bf16 autocast, channels-last and batch workers (see ``training.compute``).
-    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
 
 @dataclass
-class StaticStage(SandwichLoss):
+class StaticStage(RunOptions, Schedule, SandwichLoss):
     """Static baselines: a network of each of a tailored checkpoint's K shapes, trained alone from scratch
     (no weight sharing, no distillation) on stage 1's schedule, to compare with the sub-networks."""
 
     tailored: str = "runs/tailor/tailored.safetensors"
     out_dir: str = "runs/static"
     data: DataConfig = field(default_factory=DataConfig)
-    steps: int = 3000
-    crop_schedule: list[list[float]] = field(default_factory=lambda: [[0.0, 64, 16], [0.5, 96, 12], [0.8, 128, 8]])
-    lr: float = 5e-4
-    lr_min: float = 1e-6
-    warmup_steps: int = 100
-    ema_decay: float = 0.999
-    log_every: int = 10
-    seed: int = 0
-    recipe: str = ""
-    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
 
 def _convert(value: str) -> Any:

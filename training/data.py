@@ -132,7 +132,6 @@ def fixed_noisy_set(
     1024-pixel wallpaper has the texture density of a 512-pixel photo); names other than scale 1's get
     ``@scale``.
     """
-    named = [(name, *eval_degradation(name)) for name in degradations]
     if any(not 0 < scale <= 1 for scale in scales):
         raise ValueError(f"validation scales must lie in (0, 1], got {list(scales)}")
     pairs = []
@@ -143,13 +142,24 @@ def fixed_noisy_set(
             if crop:
                 clean = center_crop(clean, crop)
             name = path.name if scale == 1 else f"{path.name}@{scale:g}"
-            for sigma in sigmas:
-                generator = torch.Generator().manual_seed(seed + 1000 * index + int(sigma * 10))
-                pairs.append((name, float(sigma), clean, add_noise(clean, sigma, generator, quantize=True)))
-            for key, kind, params in named:
-                generator = torch.Generator().manual_seed(seed + 1000 * index + zlib.crc32(key.encode()) % 997)
-                pairs.append((name, key, clean, apply(kind, clean[0], params, generator)[None]))
+            pairs += [(name, key, clean, noisy) for key, noisy in fixed_noise(clean, index, seed, sigmas, degradations)]
     return pairs
+
+
+def fixed_noise(clean: torch.Tensor, index: int, seed: int, sigmas: Sequence[float],
+                degradations: Sequence[str] = ()) -> list[tuple[float | str, torch.Tensor]]:
+    """Reproducible noisy versions ``(key, noisy)`` of image number ``index``: AWGN at each of ``sigmas`` (key:
+    the sigma), then each named degradation (key: its name). The seeds depend on ``seed``, the index and the
+    noise, so every set built from the same images draws the same noise."""
+    versions: list[tuple[float | str, torch.Tensor]] = []
+    for sigma in sigmas:
+        generator = torch.Generator().manual_seed(seed + 1000 * index + int(sigma * 10))
+        versions.append((float(sigma), add_noise(clean, sigma, generator, quantize=True)))
+    for name in degradations:
+        kind, params = eval_degradation(name)
+        generator = torch.Generator().manual_seed(seed + 1000 * index + zlib.crc32(name.encode()) % 997)
+        versions.append((name, apply(kind, clean[0], params, generator)[None]))
+    return versions
 
 
 def pair_label(key: float | str) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import platform
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +12,9 @@ import torch
 
 from model.checkpoint import load_checkpoint
 from model.inference import Denoiser
-from model.metrics import add_noise, psnr
-from training.data import list_images, load_rgb, pair_label
-from training.degradations import EVAL_DEGRADATIONS, apply, eval_degradation, noise_rms
+from model.metrics import psnr
+from training.data import fixed_noise, list_images, load_rgb, pair_label
+from training.degradations import EVAL_DEGRADATIONS, noise_rms
 
 # scikit-image's bundled colour photographs (no download needed); synthetic and medical images left out.
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
@@ -46,16 +45,8 @@ def noisy_pairs(images: str, sigmas: list[float], seed: int, degradations: tuple
     Returns ``(image name, key, clean, noisy)``: the key is the sigma (a float) or the degradation's name
     (see ``training.degradations.EVAL_DEGRADATIONS``).
     """
-    named = [(name, *eval_degradation(name)) for name in degradations]
-    pairs = []
-    for index, (name, clean) in enumerate(load_clean_images(images)):
-        for sigma in sigmas:
-            generator = torch.Generator().manual_seed(seed + 1000 * index + int(10 * sigma))
-            pairs.append((name, float(sigma), clean, add_noise(clean, sigma, generator, quantize=True)))
-        for key, kind, params in named:
-            generator = torch.Generator().manual_seed(seed + 1000 * index + zlib.crc32(key.encode()) % 997)
-            pairs.append((name, key, clean, apply(kind, clean[0], params, generator)[None]))
-    return pairs
+    return [(name, key, clean, noisy) for index, (name, clean) in enumerate(load_clean_images(images))
+            for key, noisy in fixed_noise(clean, index, seed, sigmas, degradations)]
 
 
 def machine() -> dict:

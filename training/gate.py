@@ -29,7 +29,7 @@ from training.common import JsonLog
 from training.compute import Compute, next_batch, worker_batches
 from training.config import CONFIG_FILE, GateStage, save_config
 from training.data import PatchSampler, fixed_noisy_set, pair_label, pair_scale
-from training.provenance import data_digests, provenance, source_digest, stage_record
+from training.provenance import data_digests, provenance, stage_record
 
 GATED_FILE = "ddsnet.safetensors"
 REPORT_FILE = "report.json"
@@ -221,7 +221,7 @@ def train_gate(config: GateStage) -> Path:
     log.write(report=shipped, seconds=round(time.time() - started, 1))
 
     record = stage_record(config, steps=config.steps, seconds=time.time() - started, data=data_sha256,
-                          source_sha256=source_digest(config.tailored), delta_db=shipped["delta_db"],
+                          source_sha256=checkpoint.tensors_sha256, delta_db=shipped["delta_db"],
                           val_accuracy=shipped["accuracy"])
     written = provenance(checkpoint.provenance, "gate", record, config.recipe)
     dtype = {"float32": torch.float32, "float16": torch.float16}[config.save_dtype]

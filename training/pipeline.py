@@ -95,10 +95,10 @@ def run_pipeline(profile_name: str, photos: str | Path, out_dir: str | Path, ext
     Returns:
         The gated checkpoint, or with ``static`` the static baselines' ``table.json``.
     """
-    from training.gate import train_gate
+    from training.gate import REPORT_FILE, train_gate
     from training.static import train_static
     from training.supernet import train_supernet
-    from training.tailor import tailor
+    from training.tailor import FINETUNE_STATE_FILE, TAILORED_FILE, tailor
 
     profile = read_profile(profile_name)
     out = Path(out_dir)
@@ -121,18 +121,21 @@ def run_pipeline(profile_name: str, photos: str | Path, out_dir: str | Path, ext
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"profile": profile["name"]}
     seconds = summary.setdefault("seconds", {})
 
+    def save_summary() -> None:
+        summary_path.write_text(json.dumps(summary, indent=2))
+
     def timed(stage: str, run):
         started = time.time()
         result = run()
         seconds[stage] = round(time.time() - started, 1)
-        summary_path.write_text(json.dumps(summary, indent=2))
+        save_summary()
         return result
 
     if static:
-        static_config = config(StaticStage, "static", f"tailored={out / 'tailor' / 'tailored.safetensors'}")
+        static_config = config(StaticStage, "static", f"tailored={out / 'tailor' / TAILORED_FILE}")
         table = timed("static", lambda: train_static(static_config))
         summary["static"] = json.loads(table.read_text())
-        summary_path.write_text(json.dumps(summary, indent=2))
+        save_summary()
         return table
 
     supernet = timed("supernet", lambda: train_supernet(config(SupernetStage, "supernet")))
@@ -140,7 +143,7 @@ def run_pipeline(profile_name: str, photos: str | Path, out_dir: str | Path, ext
 
     def run_tailor() -> Path:
         written = tailor(tailor_config)
-        if written.name == "finetune_state.safetensors":  # stopped by max_minutes: close it where it is
+        if written.name == FINETUNE_STATE_FILE:  # stopped by max_minutes: close it where it is
             reached = int(read_state_meta(written)["step"])
             tailor_config.finetune_steps, tailor_config.max_minutes = reached, 0.0
             written = tailor(tailor_config, resume=True)
@@ -149,7 +152,7 @@ def run_pipeline(profile_name: str, photos: str | Path, out_dir: str | Path, ext
     tailored = timed("tailor", run_tailor)
     gated = timed("gate", lambda: train_gate(config(GateStage, "gate", f"tailored={tailored}")))
     summary["table"] = json.loads((out / "tailor" / "table.json").read_text())
-    summary["gate"] = json.loads((out / "gate" / "report.json").read_text())["shipped"]
+    summary["gate"] = json.loads((out / "gate" / REPORT_FILE).read_text())["shipped"]
     summary["checkpoint"] = str(gated)
-    summary_path.write_text(json.dumps(summary, indent=2))
+    save_summary()
     return gated

@@ -73,11 +73,6 @@ def data_digests(data: Any, train: bool = True) -> dict[str, str]:
     return digests | {"val_sha256": data_digest(data.val_dir)}
 
 
-def source_digest(checkpoint: str | Path) -> str:
-    """The tensor digest a checkpoint records: which weights a stage started from, without naming the file."""
-    return str(read_metadata(checkpoint).get("tensors_sha256"))
-
-
 def stage_record(config: Any, *, steps: int, seconds: float, data: dict[str, str], source_sha256: str = "",
                  **extra: Any) -> dict:
     """One stage's record.
@@ -87,7 +82,8 @@ def stage_record(config: Any, *, steps: int, seconds: float, data: dict[str, str
         steps: optimisation steps the run made (for a resumed run, all of them).
         seconds: wall-clock seconds of the run.
         data: :func:`data_digests` of the photos it read.
-        source_sha256: :func:`source_digest` of the checkpoint it started from, if any.
+        source_sha256: the ``tensors_sha256`` of the checkpoint it started from, if any: which weights, without
+            naming the file.
         extra: stage-specific results, e.g. the gate's chosen ``delta_db``.
     """
     record = {"config": config_without_paths(config), "steps": int(steps), "seconds": round(float(seconds), 1),

@@ -9,7 +9,6 @@ schedule as stage 1, and writes ``table.json``: each shape's validation PSNR, st
 from __future__ import annotations
 
 import json
-import random
 import time
 from pathlib import Path
 
@@ -23,15 +22,16 @@ from training.common import JsonLog, cosine_lr, psnr_by_sigma
 from training.compute import Compute, next_batch, worker_batches
 from training.config import CONFIG_FILE, StaticStage, save_config
 from training.data import PatchSampler, fixed_noisy_set
-from training.provenance import data_digests, provenance, source_digest, stage_record
+from training.provenance import data_digests, provenance, stage_record
 from training.supernet import check_loss, crop_for_step, reconstruction_loss
 
 TABLE_FILE = "table.json"
 
 
 def train_one(config: StaticStage, widths: tuple[int, ...], template: SlimUNet, log: JsonLog, index: int,
-              compute: Compute) -> SlimUNet:
-    """Train a fresh network at ``widths`` only; returns its EMA (in eval mode)."""
+              compute: Compute, sampler: PatchSampler) -> SlimUNet:
+    """Train a fresh network at ``widths`` only; returns its EMA (in eval mode). Every shape sees the same
+    crops and noise: ``sampler`` and the noise generator start again from the run's seed."""
     torch.manual_seed(config.seed + index)
     net = compute.module(SlimUNet(template.config))
     ema = compute.module(SlimUNet(template.config))
@@ -39,8 +39,7 @@ def train_one(config: StaticStage, widths: tuple[int, ...], template: SlimUNet, 
     ema.requires_grad_(False)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
     data = config.data
-    sampler = PatchSampler(data.train_dir, seed=config.seed, scale_range=data.scale_range,
-                           texture_candidates=data.texture_candidates)
+    sampler.rng.seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     batches = None
     if config.compute.workers:
@@ -79,18 +78,19 @@ def train_static(config: StaticStage) -> Path:
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, out_dir / CONFIG_FILE)
-    random.seed(config.seed)
     source = load_checkpoint(config.tailored)
     compute = Compute(config.compute)
     log = JsonLog(out_dir / "log.jsonl")
     val_pairs = fixed_noisy_set(config.data.val_dir, config.data.val_sigmas, config.data.val_seed,
                                 scales=config.data.val_scales, degradations=config.data.val_degradations)
     shared = compute.module(source.net).eval()
-    data_sha256, source_sha256 = data_digests(config.data), source_digest(config.tailored)
+    sampler = PatchSampler(config.data.train_dir, seed=config.seed, scale_range=config.data.scale_range,
+                           texture_candidates=config.data.texture_candidates)
+    data_sha256, source_sha256 = data_digests(config.data), source.tensors_sha256
     rows = []
     for index, subnet in enumerate(source.subnets):
         started = time.time()
-        ema = train_one(config, subnet.widths, source.net, log, index, compute)
+        ema = train_one(config, subnet.widths, source.net, log, index, compute, sampler)
         static_psnr = psnr_by_sigma(ema, subnet.widths, val_pairs)
         rows.append({"subnet": index, "widths": list(subnet.widths), "mflops_per_pixel": subnet.mflops_per_pixel,
                      "static_psnr": static_psnr, "shared_psnr": psnr_by_sigma(shared, subnet.widths, val_pairs)})

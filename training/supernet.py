@@ -31,7 +31,7 @@ from training.common import (
 from training.compute import Compute, next_batch, worker_batches
 from training.config import CONFIG_FILE, SandwichLoss, SupernetStage, save_config
 from training.data import PatchSampler, fixed_noisy_set
-from training.provenance import data_digests, provenance, source_digest, stage_record
+from training.provenance import data_digests, provenance, stage_record
 
 STATE_FILE = "state.safetensors"
 EXPORT_FILE = "supernet.safetensors"
@@ -105,14 +105,18 @@ def sandwich_backward(net: SlimUNet, noisy: torch.Tensor, clean: torch.Tensor, m
     return loss_widest.item(), member_losses
 
 
-def save_state(path: Path, net, ema, optimizer, step: int, sampler: PatchSampler, generator, width_rng, elapsed: float
-               ) -> None:
-    """Everything needed to resume, in safetensors (no pickle): weights, EMA, Adam moments, counters."""
-    meta = {"step": step, "elapsed_s": elapsed, "width_rng": width_rng.getstate(), "model": net.config.to_dict()}
+def save_state(path: Path, net, ema, optimizer, step: int, sampler: PatchSampler, generator, width_rng, elapsed: float,
+               source_sha256: str = "") -> None:
+    """Everything needed to resume, in safetensors (no pickle): weights, EMA, Adam moments, counters, and the
+    tensor digest of the checkpoint the run started from (``init_from``)."""
+    meta = {"step": step, "elapsed_s": elapsed, "width_rng": width_rng.getstate(), "model": net.config.to_dict(),
+            "source_sha256": source_sha256}
     save_train_state(path, {"net": net, "ema": ema}, optimizer, generator, sampler, meta)
 
 
-def load_state(path: Path, net, ema, optimizer, sampler: PatchSampler, generator, width_rng) -> tuple[int, float]:
+def load_state(path: Path, net, ema, optimizer, sampler: PatchSampler, generator, width_rng
+               ) -> tuple[int, float, str]:
+    """Restore what :func:`save_state` wrote; returns the step, the elapsed seconds and the source's digest."""
     meta = read_state_meta(path)
     if SupernetConfig.from_dict(meta["model"]) != net.config:
         raise ValueError(f"{path} was saved for model {meta['model']}, the config asks for {net.config.to_dict()}")
@@ -121,7 +125,7 @@ def load_state(path: Path, net, ema, optimizer, sampler: PatchSampler, generator
         width_rng.setstate(rng_state(meta["width_rng"]))
     else:  # states written before the width sampler was saved
         width_rng.seed(int(meta["step"]))
-    return int(meta["step"]), float(meta["elapsed_s"])
+    return int(meta["step"]), float(meta["elapsed_s"]), str(meta.get("source_sha256", ""))
 
 
 def export_supernet(path: Path, ema: SlimUNet, provenance: dict) -> None:
@@ -155,18 +159,18 @@ def train_supernet(config: SupernetStage, resume: bool = False) -> Path:
                                 scales=config.data.val_scales, degradations=config.data.val_degradations)
     log = JsonLog(out_dir / "log.jsonl")
 
+    step, elapsed, init_sha256 = 0, 0.0, ""
     if config.init_from and not resume:
         source = load_checkpoint(config.init_from)
         if source.net.config != net.config:
             raise ValueError(f"init_from {config.init_from}: its model {source.net.config} is not {net.config}")
         net.load_state_dict(source.net.state_dict())
         ema.load_state_dict(source.net.state_dict())
+        init_sha256 = source.tensors_sha256
     data_sha256 = data_digests(config.data)
-    init_sha256 = source_digest(config.init_from) if config.init_from and Path(config.init_from).is_file() else ""
-    step, elapsed = 0, 0.0
     state_path = out_dir / STATE_FILE
     if resume:
-        step, elapsed = load_state(state_path, net, ema, optimizer, sampler, generator, width_rng)
+        step, elapsed, init_sha256 = load_state(state_path, net, ema, optimizer, sampler, generator, width_rng)
     started, this_start = time.time() - elapsed, time.time()
     widest, slimmest = net.widest(), net.slimmest()
     batches = None
@@ -212,7 +216,7 @@ def train_supernet(config: SupernetStage, resume: bool = False) -> Path:
         over_time = config.max_minutes > 0 and time.time() - this_start > 60 * config.max_minutes
         over_time = over_time or step == config.stop_at
         if step % config.save_every == 0 or step == config.steps or over_time:
-            save_state(state_path, net, ema, optimizer, step, sampler, generator, width_rng, elapsed)
+            save_state(state_path, net, ema, optimizer, step, sampler, generator, width_rng, elapsed, init_sha256)
             record = stage_record(config, steps=step, seconds=elapsed, data=data_sha256, source_sha256=init_sha256)
             export_supernet(out_dir / EXPORT_FILE, ema, provenance(None, "supernet", record, config.recipe))
         if over_time:

@@ -35,7 +35,7 @@ from training.common import (
 from training.compute import Compute, next_batch, worker_batches
 from training.config import CONFIG_FILE, TailorStage, save_config
 from training.data import PatchSampler, fixed_noisy_set
-from training.provenance import data_digests, provenance, source_digest, stage_record
+from training.provenance import data_digests, provenance, stage_record
 from training.supernet import check_loss, check_save_every, sandwich_backward
 
 TAILORED_FILE = "tailored.safetensors"
@@ -341,7 +341,7 @@ def tailor(config: TailorStage, resume: bool = False) -> Path:
         if config.refill:
             configs = refill_configurations(net, configs, config, log, started)
         meta = {"model": net.config.to_dict(), "configs": [list(c) for c in configs],
-                "provenance": checkpoint.provenance, "source_sha256": source_digest(config.supernet),
+                "provenance": checkpoint.provenance, "source_sha256": checkpoint.tensors_sha256,
                 "data_sha256": data_digests(config.data, train=config.finetune_steps > 0)}
 
     val_pairs = fixed_noisy_set(config.data.val_dir, config.data.val_sigmas, config.data.val_seed,

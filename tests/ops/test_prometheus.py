@@ -22,6 +22,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from benchmarks.common import wait_ready
+
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
@@ -32,18 +34,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def wait_for(url: str, seconds: float = 90) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(url)
 
 
 @pytest.mark.skipif(not Path(PROMTOOL).exists(), reason="promtool not installed")
@@ -82,10 +72,10 @@ def test_every_dashboard_expression_returns_data(tiny_checkpoint, tmp_path):
     sender = None
     try:
         try:
-            wait_for(f"http://127.0.0.1:{app_port}/readyz")
-        except TimeoutError:
+            wait_ready(app_port, 90, app)
+        except (TimeoutError, RuntimeError):
             raise AssertionError(f"app exit={app.poll()} log={(tmp_path / 'app.log').read_text()[-2000:]}") from None
-        wait_for(f"http://127.0.0.1:{prom_port}/-/ready")
+        wait_ready(prom_port, 90, path="/-/ready")
         buffer = io.BytesIO()
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 120, 3), dtype=np.uint8)).save(buffer, "PNG")
         image = buffer.getvalue()
