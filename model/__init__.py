@@ -14,6 +14,17 @@ from model.inference import Denoiser, DenoiseResult, Quality, resolve_device
 from model.supernet import SlimUNet, SupernetConfig, WidthConfig
 from model.tiling import denoise_tiled, denoise_whole
 
+
+def package_version() -> str:
+    """The installed ddsnet's version, or ``"unknown"`` when it runs from a source tree without installing."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("ddsnet")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 __all__ = [
     "DEFAULT_CHECKPOINT",
     "Checkpoint",
@@ -31,6 +42,7 @@ __all__ = [
     "denoise_whole",
     "gate_macs",
     "load_checkpoint",
+    "package_version",
     "resolve_device",
     "save_checkpoint",
     "supernet_macs",

@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from starlette._utils import get_route_path
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model import CheckpointError, Denoiser, Quality, load_checkpoint, resolve_device
+from model import CheckpointError, Denoiser, Quality, load_checkpoint, package_version, resolve_device
 from service.engine import Engine, QueueFull
 from service.imaging import ImageError, check_output_format, decode_image, encode_image, media_type
 from service.metrics import Metrics
@@ -174,7 +174,7 @@ def build_app(settings: Settings | None = None, on_batch=None) -> FastAPI:
             metrics.ready.set(0)
             await engine.stop()
 
-    app = FastAPI(title="ddsnet", version="0.2.0", lifespan=lifespan,
+    app = FastAPI(title="ddsnet", version=package_version(), lifespan=lifespan,
                   description="Dynamic slimmable image denoising: a gate picks a sub-network per image.",
                   responses=error_responses(500))
     app.state.settings = settings

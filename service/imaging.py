@@ -85,7 +85,8 @@ def probe(data: bytes, max_pixels: int | None = None) -> Image.Image:
         raise ImageError("corrupt", f"image header declares a {width}x{height} image")
     if max_pixels is not None and width * height > max_pixels:
         raise ImageError("too_large", f"image is {width}x{height} = {width * height} pixels, the limit is {max_pixels}")
-    arithmetic = image.format in ("JPEG", "MPO") and any(m in data[:65536] for m in ARITHMETIC_JPEG_MARKERS)
+    head = data[:65536]  # the markers before the scan data
+    arithmetic = image.format in ("JPEG", "MPO") and any(marker in head for marker in ARITHMETIC_JPEG_MARKERS)
     if image.format in MIN_PIXELS_PER_BYTE and not arithmetic:
         floor = width * height // MIN_PIXELS_PER_BYTE[image.format]
         if len(data) < floor:

@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import platform
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from model import package_version
 from model.checkpoint import METADATA_KEY, read_metadata
 from training.data import list_images
 
@@ -46,11 +46,7 @@ def data_digest(folder: str | Path) -> str:
 
 def versions() -> dict[str, str]:
     """The versions that shape a trained checkpoint: ddsnet, torch and Python."""
-    try:
-        ddsnet = metadata.version("ddsnet")
-    except metadata.PackageNotFoundError:
-        ddsnet = "unknown"
-    return {"ddsnet": ddsnet, "torch": torch.__version__.split("+")[0], "python": platform.python_version()}
+    return {"ddsnet": package_version(), "torch": torch.__version__.split("+")[0], "python": platform.python_version()}
 
 
 def config_without_paths(config: Any) -> dict:
