@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from starlette._utils import get_route_path
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model import CheckpointError, Denoiser, Quality, load_checkpoint, package_version, resolve_device
+from model import Checkpoint, Denoiser, Quality, load_checkpoint, package_version, resolve_device
 from service.engine import Engine, QueueFull
 from service.imaging import ImageError, check_output_format, decode_image, encode_image, media_type
 from service.metrics import Metrics
@@ -144,8 +144,9 @@ class ApiKeyGuard:
         await self.app(scope, receive, send)
 
 
-def build_app(settings: Settings | None = None, on_batch=None) -> FastAPI:
-    """The FastAPI app. The model loads in ``lifespan``; routes reach it through ``app.state``."""
+def build_app(settings: Settings | None = None, on_batch=None, checkpoint: Checkpoint | None = None) -> FastAPI:
+    """The FastAPI app. The model loads in ``lifespan`` (or comes loaded, ``checkpoint``); routes reach it
+    through ``app.state``."""
     settings = settings or Settings()
     metrics = Metrics()
 
@@ -154,8 +155,13 @@ def build_app(settings: Settings | None = None, on_batch=None) -> FastAPI:
         device = resolve_device(settings.device)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        checkpoint = await run_in_threadpool(load_checkpoint, settings.checkpoint, device)
-        denoiser = Denoiser(checkpoint, tile=settings.tile)
+        if checkpoint is None:
+            loaded = await run_in_threadpool(load_checkpoint, settings.checkpoint, device)
+        else:
+            loaded = checkpoint
+            loaded.net.to(device)
+            loaded.gate.to(device)
+        denoiser = Denoiser(loaded, tile=settings.tile)
         engine = Engine(denoiser, metrics, settings.max_batch_tiles, settings.max_wait_ms, settings.max_queue_tiles,
                         on_batch=on_batch)
         if device.type == "cuda":
@@ -339,11 +345,11 @@ def serve(host: str = "127.0.0.1", port: int = 8000, checkpoint: str | None = No
     import uvicorn
 
     settings = Settings(**({"checkpoint": checkpoint} if checkpoint else {}))
-    if not Path(settings.checkpoint).is_file():
-        raise CheckpointError(f"checkpoint not found: {settings.checkpoint}")
-    load_checkpoint(settings.checkpoint)  # a bad checkpoint is one error line here, not a traceback at startup
+    # Loaded here, so that a missing or bad checkpoint is one error line (CheckpointError), not a traceback
+    # from the server's start-up; the app then uses this copy.
+    loaded = load_checkpoint(settings.checkpoint)
     # Connections: idle keep-alives close after keepalive_s; past max_connections uvicorn answers 503.
     # Header and body read timeouts and per-client connection limits belong to the proxy (docker/nginx).
-    uvicorn.run(build_app(settings), host=host, port=port, log_level="info", timeout_keep_alive=settings.keepalive_s,
-                limit_concurrency=settings.max_connections)
+    uvicorn.run(build_app(settings, checkpoint=loaded), host=host, port=port, log_level="info",
+                timeout_keep_alive=settings.keepalive_s, limit_concurrency=settings.max_connections)
     return 0
