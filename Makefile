@@ -9,7 +9,7 @@ CHECKPOINT ?= checkpoints/ddsnet-color.safetensors
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint smoke clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ run: $(STAMP)
 test: $(STAMP)
 	@$(PY) -m pytest -q $(PYTEST_ARGS); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$status
+
+# The image and the compose stack under podman (docker/smoke.sh): needs root, podman, runc and debootstrap, and
+# takes minutes, so it is not part of `make test`. podman-compose comes from PyPI into .venv.
+smoke: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check "podman-compose>=1.0.6"
+	PATH="$(abspath $(VENV))/bin:$$PATH" docker/smoke.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check model training service tests benchmarks

@@ -3,8 +3,8 @@
     .venv/bin/python -m benchmarks.tables [--checkpoint PATH] [--results DIR]
 
 The sub-network table (widths, MFLOPs per pixel, validation PSNR) is read from the checkpoint's own metadata.
-The others are rendered from ``quality.json``, ``serve.json`` and ``val_gap.json`` in ``--results`` where
-they exist. Met or missed is judged anew against :mod:`benchmarks.targets`.
+The others are rendered from ``quality.json``, ``speed.json``, ``serve.json``, ``load.json`` and
+``val_gap.json`` in ``--results`` where they exist, with the targets each benchmark judged met or missed.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from pathlib import Path
 from benchmarks import targets
 from benchmarks.common import argument_parser
 from benchmarks.quality import check_targets
-from benchmarks.serve import check_target as check_serve_target
 from model import DEFAULT_CHECKPOINT, CheckpointError, Subnet, load_checkpoint
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -106,19 +105,57 @@ def noise_table(report: dict) -> str:
 
 
 def serve_table(report: dict) -> str:
-    """The raw loop and every HTTP run, then the serving target, met or missed."""
-    raw = report["raw_loop"]
-    lines = ["| run | concurrency | MPix/s | vs raw | p50 s | p95 s | p99 s |", "|---|---|---|---|---|---|---|",
-             f"| raw model loop (no HTTP) | 1 | {raw['mpix_per_s']:.3f} | 1.00 | {raw['p50']} | {raw['p95']} | "
-             f"{raw['p99']} |"]
+    """In-process and every HTTP run, then the serving targets, met or missed."""
+    lines = ["| run | concurrency | MPix/s | vs model | vs CLI path | p50 s | p95 s | p99 s |",
+             "|---|---|---|---|---|---|---|---|"]
+    model, cli = report["in_process"]["model"], report["in_process"]["cli_path"]
+    for name, row in (("in-process, model only", model), ("in-process, CLI path (decode, encode)", cli)):
+        lines.append(f"| {name} | 1 | {row['mpix_per_s']:.3f} | {row['mpix_per_s'] / model['mpix_per_s']:.2f} | "
+                     f"{row['mpix_per_s'] / cli['mpix_per_s']:.2f} | {row['p50']} | {row['p95']} | {row['p99']} |")
     for row in report["http"]:
-        name = f"HTTP, batching {'on (4 tiles)' if row['batching'] else 'off'}"
-        lines.append(f"| {name} | {row['concurrency']} | {row['mpix_per_s']:.3f} | {row['vs_raw']:.2f} | "
-                     f"{row['p50']} | {row['p95']} | {row['p99']} |")
-    if report["http"]:
-        target = check_serve_target(report)
-        lines += ["", f"Target {target['name']}: {target['value']} vs bar {target['bar']}, "
-                  f"{'met' if target['met'] else 'missed'}."]
+        lines.append(f"| HTTP | {row['concurrency']} | {row['mpix_per_s']:.3f} | {row['vs_model']:.2f} | "
+                     f"{row['vs_cli_path']:.2f} | {row['p50']} | {row['p95']} | {row['p99']} |")
+    lines.append("")
+    for name, result in report["targets"].items():
+        lines.append(f"- {name}: {result['value']} ({'met' if result['met'] else 'missed'})")
+    return "\n".join(lines)
+
+
+def speed_table(report: dict) -> str:
+    """The CLI path against FFDNet, then every backend per sub-network at 512x512, then the targets."""
+    lines = ["| method | MPix/s | vs FFDNet | GFLOP/s |", "|---|---|---|---|"]
+    for method in ("best", "auto", "fast", "FFDNet"):
+        row = report["cli_path"][method]
+        gflops = f"{row['gflop_per_s']:.0f}" if "gflop_per_s" in row else ""
+        lines.append(f"| {method} | {row['mpix_per_s']:.3f} | {row.get('vs_ffdnet', 1.0):.2f} | {gflops} |")
+    chosen = {row["subnet"]: row["backend"] for row in report["engines"]["subnets"]}
+    names = list(report["backends"][0]["seconds"])
+    lines += ["", "| sub-network | FLOPs share | " + " | ".join(names) + " | chosen | time share vs FLOPs |",
+              "|---|---|" + "---|" * len(names) + "---|---|"]
+    for row in report["backends"]:
+        cells = " | ".join(f"{row['seconds'][name]:.3f}" for name in names)
+        lines.append(f"| {row['subnet']} | {row['flops_fraction']:.3f} | {cells} | {chosen[row['subnet']]} | "
+                     f"{report['time_vs_flops'][str(row['subnet'])]:+.0%} |")
+    lines.append("")
+    for name, result in report["targets"].items():
+        lines.append(f"- {name}: {result['value']} ({'met' if result['met'] else 'missed'})")
+    return "\n".join(lines)
+
+
+def load_table(report: dict) -> str:
+    """Every load run, controller off and on, then the targets at 2x."""
+    lines = [f"Latency target {report['latency_target_ms']:g} ms; `auto` sustains {report['sustained_per_s']} "
+             f"answers/s; unloaded `auto` {report['unloaded_psnr']:.2f} dB.", "",
+             "| controller | load | goodput/s | answered | 503 | p50 s | p95 s | p99 s | downgraded | PSNR | loss dB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in report["runs"]:
+        lines.append(f"| {row['controller']} | {row['load']:g}x | {row['goodput_per_s']:.2f} | "
+                     f"{row['answered_share']:.1%} | {row['share_503']:.1%} | {row.get('p50_s', '')} | "
+                     f"{row.get('p95_s', '')} | {row.get('p99_s', '')} | {row['downgraded_share']:.0%} | "
+                     f"{row.get('mean_psnr', '')} | {row.get('psnr_loss_vs_unloaded', '')} |")
+    lines.append("")
+    for name, result in report["targets"].items():
+        lines.append(f"- at 2x, controller on, {name}: {result['value']} ({'met' if result['met'] else 'missed'})")
     return "\n".join(lines)
 
 
@@ -136,7 +173,8 @@ def main() -> int:
     print(subnet_table(subnets))
     print()
     for name, render in (("quality.json", quality_table), ("quality.json", noise_table),
-                         ("serve.json", serve_table), ("val_gap.json", val_gap_table)):
+                         ("speed.json", speed_table), ("serve.json", serve_table), ("load.json", load_table),
+                         ("val_gap.json", val_gap_table)):
         path = Path(args.results) / name
         if path.is_file():
             report = json.loads(path.read_text())

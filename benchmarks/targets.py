@@ -15,8 +15,12 @@ AUTO_MAX_DROP_DB = 0.05
 # `auto` may spend at most this fraction of `best`'s FLOPs per pixel (gate included).
 AUTO_MAX_FLOPS_FRACTION = 0.6
 
-# HTTP throughput at the highest concurrency measured must be at least this fraction of the raw model loop's.
+# benchmarks.serve: HTTP throughput at the highest concurrency measured must be at least this fraction of the same
+# engines' in-process throughput on the same decoded tensors; at concurrency 1, this fraction of the CLI's path;
+# and a fresh `ddsnet serve` must answer /readyz 200 within this many seconds of its start.
 SERVE_MIN_FRACTION_OF_RAW = 0.9
+SERVE_MIN_FRACTION_OF_CLI = 0.9
+SERVE_MAX_READY_SECONDS = 60.0
 
 # On every degradation other than AWGN (JPEG, Poisson-Gaussian, spatially variant, downscaled), `auto` must
 # reach at least FFDNet's PSNR when FFDNet is given the noise's RMS as its sigma, plus this, in dB.
@@ -34,3 +38,10 @@ SPEED_FAST_VS_FFDNET = 3.5
 # Each sub-network's time, as a fraction of the widest's, may differ from its FLOPs fraction by at most this
 # share of it (benchmarks.speed, one 512x512 image).
 SPEED_MAX_DEVIATION_FROM_FLOPS = 0.25
+
+# benchmarks.load, at twice the rate `auto` sustains with the latency controller on: at least this share of
+# requests answered 200, p95 latency at most this multiple of the target, and the answers' mean PSNR at most
+# this far below unloaded `auto` on the same images.
+LOAD_MIN_ANSWERED = 0.95
+LOAD_MAX_P95_OVER_TARGET = 1.2
+LOAD_MAX_PSNR_LOSS_DB = 0.35

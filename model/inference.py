@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,15 @@ class Denoiser:
         costs = [s.mflops_per_pixel for s in self.subnets]
         self.best_index = max(range(len(costs)), key=costs.__getitem__)
         self.fast_index = min(range(len(costs)), key=costs.__getitem__)
+        self.engines: Mapping[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+
+    def use_engines(self, engines: Mapping[int, Callable[[torch.Tensor], torch.Tensor]]) -> None:
+        """Run sub-network ``i`` through ``engines[i]`` instead of the supernet: a compiled static copy that
+        maps ``(B, 3, h, w)`` windows to denoised windows in [0, 1] (see ``service.backends``)."""
+        unknown = set(engines) - set(range(len(self.subnets)))
+        if unknown:
+            raise ValueError(f"no sub-network {sorted(unknown)}; this checkpoint has {len(self.subnets)}")
+        self.engines = engines
 
     @property
     def device(self) -> torch.device:
@@ -86,6 +96,8 @@ class Denoiser:
     @torch.inference_mode()
     def run_windows(self, windows: torch.Tensor, index: int) -> torch.Tensor:
         """Run a batch ``(B, 3, h, w)`` of same-shape windows through sub-network ``index``."""
+        if index in self.engines:
+            return self.engines[index](windows)
         windows = windows.to(self.device).contiguous(memory_format=torch.channels_last)
         return self.net(windows, self.subnets[index].widths).clamp_(0, 1)
 

@@ -26,6 +26,9 @@ from starlette._utils import get_route_path
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model import Checkpoint, Denoiser, Quality, load_checkpoint, package_version, resolve_device
+from service import backends
+from service.backends import use_backend
+from service.controller import LoadController
 from service.engine import Engine, QueueFull
 from service.imaging import ImageError, check_output_format, decode_image, encode_image, media_type
 from service.metrics import Metrics
@@ -144,6 +147,17 @@ class ApiKeyGuard:
         await self.app(scope, receive, send)
 
 
+def latency_bound_refusal(max_latency_ms: float, quality: Quality, target_seconds: float) -> str | None:
+    """Why a request's ``max_latency_ms`` cannot be honoured, or None when it can."""
+    if quality is not Quality.auto:
+        return f"max_latency_ms applies to quality=auto only; {quality.value} is never changed"
+    if target_seconds <= 0:
+        return "max_latency_ms needs the latency controller, which is off (DDSNET_LATENCY_TARGET_MS=0)"
+    if max_latency_ms > 1000 * target_seconds:
+        return f"max_latency_ms must be at most the server's latency target, {1000 * target_seconds:g} ms"
+    return None
+
+
 def build_app(settings: Settings | None = None, on_batch=None, checkpoint: Checkpoint | None = None) -> FastAPI:
     """The FastAPI app. The model loads in ``lifespan`` (or comes loaded, ``checkpoint``); routes reach it
     through ``app.state``."""
@@ -162,8 +176,11 @@ def build_app(settings: Settings | None = None, on_batch=None, checkpoint: Check
             loaded.net.to(device)
             loaded.gate.to(device)
         denoiser = Denoiser(loaded, tile=settings.tile)
+        app.state.engines = use_backend(denoiser, settings.backend, settings.max_batch_tiles, settings.torch_threads)
+        controller = LoadController([subnet.mflops_per_pixel for subnet in denoiser.subnets],
+                                    settings.latency_target_ms / 1000)
         engine = Engine(denoiser, metrics, settings.max_batch_tiles, settings.max_wait_ms, settings.max_queue_tiles,
-                        on_batch=on_batch)
+                        on_batch=on_batch, controller=controller)
         if device.type == "cuda":
             metrics.device_memory.set_function(lambda: torch.cuda.memory_allocated(device))
         engine.start()
@@ -171,7 +188,11 @@ def build_app(settings: Settings | None = None, on_batch=None, checkpoint: Check
         app.state.device = device
         try:
             if settings.warmup:
+                started = time.perf_counter()
                 await engine.warm_up()
+                metrics.warmup_seconds.set(time.perf_counter() - started)
+                for row in app.state.engines.summary()["subnets"]:
+                    metrics.engine_backend.labels(str(row["subnet"]), row["backend"], row["precision"]).set(1)
             app.state.ready = True
             metrics.ready.set(1)
             yield
@@ -255,6 +276,8 @@ def build_app(settings: Settings | None = None, on_batch=None, checkpoint: Check
     async def info(engine: Annotated[Engine, Depends(get_engine)], request: Request) -> dict:
         summary = engine.denoiser.summary()
         summary["device"] = str(request.app.state.device)
+        summary["engines"] = request.app.state.engines.summary()
+        summary["controller"] = engine.controller.state(engine.pending_pixels)
         summary["batching"] = {"max_batch_tiles": settings.max_batch_tiles, "max_wait_ms": settings.max_wait_ms,
                                "max_queue_tiles": settings.max_queue_tiles}
         return summary
@@ -271,8 +294,9 @@ def build_app(settings: Settings | None = None, on_batch=None, checkpoint: Check
         response_class=Response,
         responses={
             200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}},
-                  "description": "the denoised image; headers DDSNet-Subnet, DDSNet-GFLOPs, DDSNet-Queue-Ms, "
-                                 "DDSNet-Compute-Ms"},
+                  "description": "the denoised image; headers DDSNet-Subnet (what ran), DDSNet-Gate-Subnet (what "
+                                 "the gate picked, auto only), DDSNet-Reason (gate, load or requested), "
+                                 "DDSNet-GFLOPs, DDSNet-GFLOPs-Widest, DDSNet-Queue-Ms, DDSNet-Compute-Ms"},
             **error_responses(400, 401, 413, 415, 422, 503, 504),
         },
     )
@@ -284,16 +308,23 @@ def build_app(settings: Settings | None = None, on_batch=None, checkpoint: Check
             Quality.auto
         ),
         format: Annotated[OutputFormat, Query(description="output image format")] = OutputFormat.png,
+        max_latency_ms: Annotated[float | None, Query(
+            gt=0, description="auto only: under load, give up width to answer within this bound; at most the "
+                              "server's latency target (GET /info, controller)")] = None,
     ) -> Response:
         started = time.perf_counter()
         metrics.in_flight.inc()
         try:
-            return await _denoise(request, engine, file, quality, format, started)
+            return await _denoise(request, engine, file, quality, format, started, max_latency_ms)
         finally:
             metrics.in_flight.dec()
 
     async def _denoise(request, engine: Engine, file: UploadFile, quality: Quality, output: OutputFormat,
-                       started: float) -> Response:
+                       started: float, max_latency_ms: float | None) -> Response:
+        if max_latency_ms is not None:
+            refusal = latency_bound_refusal(max_latency_ms, quality, engine.controller.target)
+            if refusal:
+                return fail(422, refusal, quality.value, "invalid_parameter")
         data = await file.read()
         try:
             async with decodes:  # at most max_decodes images in memory at once, however many uploads arrive
@@ -302,7 +333,8 @@ def build_app(settings: Settings | None = None, on_batch=None, checkpoint: Check
         except ImageError as error:
             return fail(IMAGE_ERROR_STATUS[error.reason], str(error), quality.value, error.reason)
         try:
-            job = await engine.submit(decoded.rgb, quality, received_at=started)
+            job = await engine.submit(decoded.rgb, quality, received_at=started,
+                                      max_latency_seconds=None if max_latency_ms is None else max_latency_ms / 1000)
         except QueueFull as error:
             return fail(503, f"queue full: {error}", quality.value, "queue_full", {"Retry-After": "1"})
         metrics.selections.labels(quality.value, str(job.subnet)).inc()
@@ -323,7 +355,8 @@ def build_app(settings: Settings | None = None, on_batch=None, checkpoint: Check
             result = job.future.result()
         except Exception as error:  # noqa: BLE001 - a failed batch is this request's 500, not the server's
             return fail(500, f"inference failed: {error}", quality.value, "inference_error")
-        encoded = await run_in_threadpool(encode_image, result.denoised, decoded, output.value)
+        encoded = await run_in_threadpool(encode_image, result.denoised, decoded, output.value,
+                                          settings.png_compress_level)
         elapsed = time.perf_counter() - started
         metrics.request_seconds.labels(str(result.subnet)).observe(elapsed)
         metrics.requests.labels(quality.value, "200").inc()
@@ -334,17 +367,22 @@ def build_app(settings: Settings | None = None, on_batch=None, checkpoint: Check
             "DDSNet-Compute-Ms": f"{1000 * result.compute_seconds:.1f}",
             "DDSNet-GFLOPs-Widest": f"{result.widest_flops / 1e9:.4f}",
             "DDSNet-Quality": quality.value,
+            "DDSNet-Reason": result.reason,
+            **({"DDSNet-Gate-Subnet": str(result.gate_subnet)} if result.gate_subnet is not None else {}),
         }
         return Response(encoded, media_type=media_type(output.value), headers=headers)
 
     return app
 
 
-def serve(host: str = "127.0.0.1", port: int = 8000, checkpoint: str | None = None) -> int:
+def serve(host: str = "127.0.0.1", port: int = 8000, checkpoint: str | None = None, backend: str | None = None) -> int:
     """Run the service with uvicorn (one process owns the model; see README on scaling)."""
     import uvicorn
 
-    settings = Settings(**({"checkpoint": checkpoint} if checkpoint else {}))
+    overrides = {"checkpoint": checkpoint, "backend": backend}
+    settings = Settings(**{key: value for key, value in overrides.items() if value})
+    # Refused before the model loads: an engine the machine cannot build is one error line, not a traceback.
+    backends.check_available(settings.backend, resolve_device(settings.device))
     # Loaded here, so that a missing or bad checkpoint is one error line (CheckpointError), not a traceback
     # from the server's start-up; the app then uses this copy.
     loaded = load_checkpoint(settings.checkpoint)

@@ -12,6 +12,8 @@ from pathlib import Path
 from model.checkpoint import DEFAULT_CHECKPOINT
 from model.tiling import DEFAULT_TILE
 
+BACKEND_HELP = ("engine per sub-network: auto times the installed ones and keeps the fastest "
+                "(default: $DDSNET_BACKEND or auto)")
 MISSING_HELP = (
     "make one with the three training stages (see README, 'Training'): "
     "ddsnet-train supernet && ddsnet-train tailor && ddsnet-train gate; or pass --checkpoint PATH"
@@ -54,10 +56,13 @@ def _output_paths(inputs: list[str], output: str | None) -> list[Path]:
 
 
 def run_denoise(args: argparse.Namespace) -> int:
+    from service.backends import use_backend
     from service.imaging import ImageError, decode_image, encode_image
 
     targets = _output_paths(args.inputs, args.output)
     denoiser = load_denoiser(args.checkpoint, tile=args.tile)
+    # The service's engines: the same backend gives the same output as `ddsnet serve`. Built on first use.
+    use_backend(denoiser, args.backend, max_batch=1)
     failures = 0
     for source, target in zip(args.inputs, targets):
         started = time.perf_counter()
@@ -117,11 +122,12 @@ def run_info(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     from service.app import serve
 
-    return serve(args.host, args.port, args.checkpoint)
+    return serve(args.host, args.port, args.checkpoint, args.backend)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from model import Quality
+    from service.backends import CHOICES as BACKEND_CHOICES
 
     parser = argparse.ArgumentParser(prog="ddsnet", description="Dynamic slimmable image denoising.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     denoise.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     denoise.add_argument("--json", action="store_true", help="print one JSON object per image")
     denoise.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile core side in pixels (multiple of 8)")
+    denoise.add_argument("--backend", choices=BACKEND_CHOICES, default=os.environ.get("DDSNET_BACKEND", "auto"),
+                         help=BACKEND_HELP)
     denoise.set_defaults(handler=run_denoise)
 
     info = commands.add_parser("info", help="print the sub-network table of a checkpoint")
@@ -145,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--checkpoint", default=None, help=f"default: $DDSNET_CHECKPOINT or {DEFAULT_CHECKPOINT}")
+    serve.add_argument("--backend", choices=BACKEND_CHOICES, default=None,
+                       help=BACKEND_HELP)
     serve.set_defaults(handler=run_serve)
     return parser
 

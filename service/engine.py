@@ -22,6 +22,7 @@ import torch
 
 from model.inference import Denoiser, Quality
 from model.tiling import TiledImage
+from service.controller import REASON_REQUESTED, Decision, LoadController
 from service.metrics import Metrics
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
@@ -53,6 +54,8 @@ class Job:
     flops: int = 0
     widest_flops: int = 0
     received_at: float = 0.0  # when the upload arrived (time.perf_counter)
+    gate_subnet: int | None = None  # what the gate picked (auto only)
+    reason: str = REASON_REQUESTED  # why ``subnet`` runs: gate, load or requested
     first_batch_at: float | None = None
     compute_seconds: float = 0.0
     cancelled: bool = False
@@ -73,6 +76,8 @@ class EngineResult:
     queue_seconds: float
     compute_seconds: float
     widest_flops: float = 0.0  # what the widest sub-network would have spent on the same tiles
+    gate_subnet: int | None = None
+    reason: str = REASON_REQUESTED
 
 
 class Engine:
@@ -83,10 +88,12 @@ class Engine:
         metrics: where to count.
         max_batch_tiles, max_wait_ms, max_queue_tiles: batching and back-pressure limits.
         on_batch: called with ``(subnet, [the job of each tile])`` for every batch run (instrumentation).
+        controller: gives up width for ``auto`` requests under load (off when absent).
     """
 
     def __init__(self, denoiser: Denoiser, metrics: Metrics, max_batch_tiles: int = 4, max_wait_ms: float = 5.0,
-                 max_queue_tiles: int = 512, on_batch: Callable[[int, list[Job]], None] | None = None) -> None:
+                 max_queue_tiles: int = 512, on_batch: Callable[[int, list[Job]], None] | None = None,
+                 controller: LoadController | None = None) -> None:
         self.denoiser = denoiser
         self.metrics = metrics
         self.max_batch_tiles = max_batch_tiles
@@ -95,6 +102,16 @@ class Engine:
         self.on_batch = on_batch
         self.queues: dict[tuple[int, tuple[int, int]], deque[TileWork]] = {}
         self.queued_tiles = 0
+        # Window pixels per sub-network, queued and running: the work the controller estimates a wait from.
+        self.pending_pixels: dict[int, int] = dict.fromkeys(range(len(denoiser.subnets)), 0)
+        self.controller = controller or LoadController([s.mflops_per_pixel for s in denoiser.subnets], 0)
+        metrics.latency_target.set(self.controller.target)
+        # Every downgrade a load can cause is a series from the start, so that the dashboard shows 0, not no data.
+        widths = self.controller.by_width
+        for rank, wider in enumerate(widths):
+            for slimmer in widths[rank + 1:]:
+                metrics.load_downgrades.labels(str(wider), str(slimmer))
+        metrics.backlog_seconds.set_function(lambda: self.controller.backlog_seconds(self.pending_pixels))
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddsnet-worker")
         # The gate has a lane of its own, so that choosing a sub-network never waits behind a running batch.
         self.gate_lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddsnet-gate")
@@ -121,17 +138,26 @@ class Engine:
         return await asyncio.get_running_loop().run_in_executor(self.worker, function, *args)
 
     async def warm_up(self) -> None:
-        """One small pass of the gate and of every sub-network, so the first request pays no start-up cost."""
+        """Build every sub-network's engine and run the gate once, so the first request pays no start-up cost;
+        then time each sub-network on one window, so the controller knows the widths' speeds from the start."""
         sample = torch.rand(1, 3, 64, 64)
         await asyncio.get_running_loop().run_in_executor(self.gate_lane, self.denoiser.select, sample, Quality.auto)
+        side = min(256, self.denoiser.tile)
+        window = torch.rand(1, 3, side, side)
         for index in range(len(self.denoiser.subnets)):
             await self.run_on_worker(self.denoiser.run_windows, sample, index)
+            await self.run_on_worker(self.denoiser.run_windows, window, index)  # a new shape compiles once
+            started = time.perf_counter()
+            await self.run_on_worker(self.denoiser.run_windows, window, index)
+            self.controller.observe(index, side * side, time.perf_counter() - started)
 
-    async def submit(self, noisy: torch.Tensor, quality: Quality, received_at: float | None = None) -> Job:
+    async def submit(self, noisy: torch.Tensor, quality: Quality, received_at: float | None = None,
+                     max_latency_seconds: float | None = None) -> Job:
         """Select a sub-network and queue the image's tiles; await ``job.future`` for the result.
 
         ``received_at`` (``time.perf_counter()``; default: now) is when the upload arrived: the result's
-        ``queue_seconds`` counts from it, decode and gate included.
+        ``queue_seconds`` counts from it, decode and gate included. For ``auto``, the controller may give up
+        width to the load (within ``max_latency_seconds`` when given); all of a request's tiles run at one width.
 
         Raises:
             QueueFull: the tiles would overflow ``max_queue_tiles``.
@@ -139,15 +165,25 @@ class Engine:
         image = self.denoiser.split(noisy)
         if self.queued_tiles + len(image.tiles) > self.max_queue_tiles:
             raise QueueFull(f"{self.queued_tiles} tiles queued; this image needs {len(image.tiles)} more")
-        subnet, gate_macs = await asyncio.get_running_loop().run_in_executor(
+        picked, gate_macs = await asyncio.get_running_loop().run_in_executor(
             self.gate_lane, self.denoiser.select, noisy, quality)
         if self.queued_tiles + len(image.tiles) > self.max_queue_tiles:
             raise QueueFull(f"{self.queued_tiles} tiles queued; this image needs {len(image.tiles)} more")
+        if Quality(quality) is Quality.auto:
+            pixels = sum(tile.shape[0] * tile.shape[1] for tile in image.tiles)
+            decision = self.controller.choose(picked, pixels, self.pending_pixels, max_latency_seconds)
+            if decision.subnet != picked:
+                self.metrics.load_downgrades.labels(str(picked), str(decision.subnet)).inc()
+        else:
+            decision = Decision(picked, None, REASON_REQUESTED, 0.0)
+        subnet = decision.subnet
         now = time.perf_counter()
         job = Job(next(self._ids), image, subnet, asyncio.get_running_loop().create_future(), len(image.tiles), now,
-                  gate_flops=2 * gate_macs, received_at=now if received_at is None else received_at)
+                  gate_flops=2 * gate_macs, received_at=now if received_at is None else received_at,
+                  gate_subnet=decision.gate_subnet, reason=decision.reason)
         for index, tile in enumerate(image.tiles):
             self.queues.setdefault((subnet, tile.shape), deque()).append(TileWork(job, index, now))
+            self.pending_pixels[subnet] += tile.shape[0] * tile.shape[1]
         self._count_queued(subnet, len(image.tiles))
         self._wakeup.set()
         return job
@@ -166,6 +202,7 @@ class Engine:
         for key, queue in self.queues.items():
             kept = deque(work for work in queue if work.job is not job)
             dropped += len(queue) - len(kept)
+            self.pending_pixels[key[0]] -= (len(queue) - len(kept)) * key[1][0] * key[1][1]
             self.queues[key] = kept
         self._count_queued(job.subnet, -dropped)
         if dropped:
@@ -211,6 +248,9 @@ class Engine:
                 await self._run_batch(key[0], batch)
             except Exception as error:  # noqa: BLE001 - one bad batch fails its requests, never the scheduler
                 self._fail([work.job for work in batch], error)
+            finally:
+                # Queued until now and running meanwhile: the batch leaves the pending work once it is done.
+                self.pending_pixels[key[0]] -= len(batch) * key[1][0] * key[1][1]
 
     async def _run_batch(self, subnet: int, batch: list[TileWork]) -> None:
         batch = [work for work in batch if not work.job.cancelled]
@@ -234,6 +274,7 @@ class Engine:
         self.metrics.inference_seconds.labels(label).observe(elapsed)
         self.metrics.batch_tiles.labels(label).observe(len(batch))
         height, window_width = windows[0].shape[-2:]
+        self.controller.observe(subnet, height * window_width * sum(o is not None for o in outputs), elapsed)
         macs = self.denoiser.window_macs(subnet, height, window_width)
         widest_macs = self.denoiser.window_macs(self.denoiser.best_index, height, window_width)
         for work, output in zip(batch, outputs):
@@ -265,4 +306,4 @@ class Engine:
         self.metrics.pixels.inc(job.image.height * job.image.width)
         queue_seconds = (job.first_batch_at or job.enqueued_at) - job.received_at
         job.future.set_result(EngineResult(job.image.result(), job.subnet, flops, queue_seconds, job.compute_seconds,
-                                           job.widest_flops))
+                                           job.widest_flops, job.gate_subnet, job.reason))

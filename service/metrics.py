@@ -51,6 +51,17 @@ class Metrics:
         self.rejections = Counter("ddsnet_rejections", "Requests refused, by reason.", ["reason"], registry=r)
         self.dropped_tiles = Counter("ddsnet_dropped_tiles", "Queued tiles dropped before running, by reason.",
                                      ["reason"], registry=r)
+        self.engine_backend = Gauge("ddsnet_engine_info", "1 per sub-network for the backend that runs it.",
+                                    ["subnet", "backend", "precision"], registry=r)
+        self.warmup_seconds = Gauge("ddsnet_warmup_seconds", "Seconds spent building and warming the engines.",
+                                    registry=r)
+        self.load_downgrades = Counter("ddsnet_load_downgrades", "auto requests run slimmer than the gate's pick "
+                                       "to keep the latency target, by the pick and what ran.", ["from", "to"],
+                                       registry=r)
+        self.latency_target = Gauge("ddsnet_latency_target_seconds", "The controller's latency target (0: off).",
+                                    registry=r)
+        self.backlog_seconds = Gauge("ddsnet_backlog_seconds", "Estimated seconds to run the queued and running "
+                                     "work, from each width's measured speed.", registry=r)
         self.ready = Gauge("ddsnet_ready", "1 once the model is loaded and warmed up.", registry=r)
         self.device_memory = Gauge("ddsnet_device_memory_bytes", "Memory allocated on the GPU by the model.",
                                    registry=r)

@@ -18,16 +18,31 @@ class Settings(BaseSettings):
     max_batch_tiles: int = Field(4, ge=1, description="most tiles in one batch (1 turns batching off)")
     max_wait_ms: float = Field(5.0, ge=0, description="longest a batch waits to fill up")
     max_queue_tiles: int = Field(512, ge=1, description="queued tiles over all widths before 503")
+    latency_target_ms: float = Field(2000.0, ge=0, description="under load, auto gives up width to answer within "
+                                     "this; 0 turns the controller off")
     max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1)
     max_pixels: int = Field(40_000_000, ge=1)
     request_timeout_s: float = Field(300.0, gt=0)
     api_key: str | None = Field(None, description="when set, requests need 'Authorization: Bearer <key>'")
     protect_operations: bool = Field(False, description="with api_key: /metrics, /info and the API docs need it too")
+    png_compress_level: int = Field(1, ge=0, le=9, description="zlib level of PNG answers: 1 encodes about 4x "
+                                    "faster than 6 for files about 16% larger")
     max_decodes: int = Field(2, ge=1, description="uploads decoded at once, each of at most max_pixels")
     max_connections: int = Field(256, ge=1, description="open connections and requests before 503 (uvicorn)")
     keepalive_s: float = Field(5.0, gt=0, description="an idle keep-alive connection is closed after this")
+    backend: str = Field("auto", description="engine per sub-network: 'auto' (the fastest installed, timed at "
+                         "start), 'torch', 'onnxruntime' or 'openvino'")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads for the inference worker")
     warmup: bool = True
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, backend: str) -> str:
+        from service.backends import CHOICES
+
+        if backend not in CHOICES:
+            raise ValueError(f"backend must be one of {', '.join(CHOICES)}")
+        return backend
 
     @field_validator("api_key")
     @classmethod

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,3 +70,23 @@ def test_grafana_provisioning_uses_a_fixed_datasource_uid_and_no_inputs():
     for panel in dashboard["panels"]:
         assert panel["datasource"]["uid"] == uid
         assert all(target["datasource"]["uid"] == uid for target in panel["targets"])
+
+
+@pytest.mark.parametrize(("nameserver", "resolver"), [("10.89.0.1", "10.89.0.1"), ("fd00::1", "[fd00::1]"),
+                                                      ("127.0.0.11", "127.0.0.11")])
+def test_the_proxy_takes_its_resolver_from_resolv_conf(tmp_path, nameserver, resolver):
+    (tmp_path / "resolv.conf").write_text(f"search dns.podman\nnameserver {nameserver}\nnameserver 8.8.8.8\n")
+    env = {"PATH": os.environ["PATH"], "RESOLV_CONF": str(tmp_path / "resolv.conf"), "NGINX_CONF_DIR": str(tmp_path),
+           "NGINX": "true"}
+    subprocess.run(["sh", str(ROOT / "docker/nginx/start.sh")], env=env, check=True)
+    assert (tmp_path / "resolver.conf").read_text() == f"resolver {resolver} valid=10s ipv6=off;\n"
+    assert "include /etc/nginx/resolver.conf;" in (ROOT / "docker/nginx/nginx.conf").read_text()
+    (tmp_path / "resolv.conf").write_text("search lan\n")
+    failed = subprocess.run(["sh", str(ROOT / "docker/nginx/start.sh")], env=env, capture_output=True, text=True)
+    assert failed.returncode == 1 and "no nameserver" in failed.stderr
+
+
+def test_the_proxy_runs_the_resolver_script():
+    proxy = COMPOSE["services"]["proxy"]
+    assert proxy["command"] == ["/bin/sh", "/etc/nginx/start.sh"]
+    assert "./docker/nginx/start.sh:/etc/nginx/start.sh:ro" in proxy["volumes"]

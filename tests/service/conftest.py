@@ -36,7 +36,9 @@ def make_client(tiny_checkpoint):
 
     def make(**overrides):
         batches: list[tuple[int, list]] = []
-        settings = Settings(**{"checkpoint": tiny_checkpoint, "tile": 64, "warmup": True, **overrides})
+        # The torch engine builds in milliseconds; tests/service/test_backends.py covers the others and auto.
+        settings = Settings(**{"checkpoint": tiny_checkpoint, "tile": 64, "warmup": True, "backend": "torch",
+                               **overrides})
         client = TestClient(build_app(settings, on_batch=lambda subnet, jobs: batches.append((subnet, jobs))))
         client.__enter__()
         opened.append(client)

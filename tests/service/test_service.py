@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from service.app import build_app
+from service.backends import BACKENDS, installed
 from service.cli import main as cli_main
 from service.settings import Settings
 from tests.service.conftest import metric_value, png_bytes
@@ -43,14 +44,17 @@ def test_output_formats(make_client, photo, output, media):
         assert image.format == output.upper()
 
 
-def test_service_output_equals_the_cli(make_client, photo, tiny_checkpoint, tmp_path, capsys):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_service_output_equals_the_cli(make_client, photo, tiny_checkpoint, tmp_path, capsys, backend):
+    if not installed(backend):
+        pytest.skip(f"{backend} is not installed")
     source = tmp_path / "in.png"
     source.write_bytes(png_bytes(photo))
     for quality in ("auto", "fast", "best"):
         assert cli_main(["denoise", str(source), "-o", str(tmp_path / f"{quality}.png"), "--checkpoint",
-                         tiny_checkpoint, "--quality", quality, "--tile", "64"]) == 0
+                         tiny_checkpoint, "--quality", quality, "--tile", "64", "--backend", backend]) == 0
     capsys.readouterr()
-    client, _ = make_client(max_batch_tiles=4)
+    client, _ = make_client(max_batch_tiles=4, backend=backend)
     for quality in ("auto", "fast", "best"):
         response = post(client, source.read_bytes(), quality=quality)
         served = np.asarray(Image.open(io.BytesIO(response.content)))

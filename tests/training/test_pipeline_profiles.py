@@ -1,11 +1,13 @@
 """``ddsnet-train pipeline``: the smoke profile runs every stage and the static baselines on the CPU."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from model import load_checkpoint
-from training.cli import main
 from training.pipeline import overrides, read_profile
 
 
@@ -24,11 +26,19 @@ def test_a_profile_with_an_unknown_section_is_refused(tmp_path):
         read_profile(str(profile))
 
 
-def test_the_smoke_profile_runs_all_three_stages_then_the_static_baselines(photo_dirs, tmp_path, capsys):
+def ddsnet_train(*arguments: str) -> subprocess.CompletedProcess:
+    """``ddsnet-train`` in a process of its own: its DataLoader forks workers, which must not inherit the
+    thread pools that other tests' inference runtimes (OpenVINO, ONNX Runtime) leave in this one."""
+    return subprocess.run([sys.executable, "-m", "training", *arguments], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], timeout=600)
+
+
+def test_the_smoke_profile_runs_all_three_stages_then_the_static_baselines(photo_dirs, tmp_path):
     out = tmp_path / "run"
-    assert main(["pipeline", "--profile", "smoke", "--photos", str(photo_dirs), "--out", str(out)]) == 0
+    run = ddsnet_train("pipeline", "--profile", "smoke", "--photos", str(photo_dirs), "--out", str(out))
+    assert run.returncode == 0, run.stderr[-2000:]
     gated = out / "gate" / "ddsnet.safetensors"
-    assert capsys.readouterr().out.strip().endswith(f"wrote {gated}")
+    assert run.stdout.strip().endswith(f"wrote {gated}")
     checkpoint = load_checkpoint(gated)
     assert checkpoint.gate_trained and len(checkpoint.subnets) == 3  # the widest and the profile's 2 targets
     assert checkpoint.provenance["recipe"] == "smoke"
@@ -40,7 +50,8 @@ def test_the_smoke_profile_runs_all_three_stages_then_the_static_baselines(photo
     assert set(summary["seconds"]) == {"supernet", "tailor", "gate"}
     assert {"25", "jpeg80-awgn15"} == set(summary["table"][0]["val_psnr"])
 
-    assert main(["pipeline", "--profile", "smoke", "--photos", str(photo_dirs), "--out", str(out), "--static"]) == 0
+    run = ddsnet_train("pipeline", "--profile", "smoke", "--photos", str(photo_dirs), "--out", str(out), "--static")
+    assert run.returncode == 0, run.stderr[-2000:]
     table = json.loads((out / "static" / "table.json").read_text())
     assert [row["widths"] for row in table] == [list(s.widths) for s in checkpoint.subnets]
     for index, row in enumerate(table):

@@ -1,0 +1,150 @@
+"""The load controller: under load, ``quality=auto`` gives up width to keep latency, instead of queueing.
+
+A slimmable network's width is a dial that other serving systems do not have; they can only queue or refuse.
+The controller turns it. It learns each sub-network's speed from the batches the engine runs (an EWMA of
+seconds per window pixel), and for every ``auto`` request it estimates the wait: the work queued and running
+ahead of it, plus the request's own work at a given width. It keeps the gate's pick when that fits in the
+latency target, and otherwise the widest sub-network no wider than the pick that does, or the slimmest when
+none does.
+
+* Load is the only reason to step down: with nothing queued or running, ``auto`` is the gate's pick, however
+  large the image.
+* ``best`` and ``fast`` are never changed.
+* Hysteresis: once load has capped the width, the cap widens again only when the wider width fits in
+  ``recover`` times the target, so that widths do not flap as the queue hovers around it.
+
+The controller holds no clock of its own beyond the ``clock`` it is given, and no threads: the engine calls it
+from the event loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+REASON_GATE = "gate"
+REASON_LOAD = "load"
+REASON_REQUESTED = "requested"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The sub-network a request runs at, and why (``gate``, ``load`` or ``requested``)."""
+
+    subnet: int
+    gate_subnet: int | None
+    reason: str
+    estimated_seconds: float
+
+
+class LoadController:
+    """Chooses a width for each ``auto`` request from the measured speed of every width and the backlog.
+
+    Args:
+        costs: MFLOPs per pixel of each sub-network, by index (the checkpoint's table).
+        target_seconds: the latency the controller keeps ``auto`` requests within; 0 turns it off.
+        smoothing: the EWMA weight of the newest batch.
+        recover: the cap widens only when the wider width fits within ``recover * target``.
+        clock: seconds, monotonic (``time.monotonic``); tests pass a fake one.
+    """
+
+    def __init__(self, costs: Sequence[float], target_seconds: float, smoothing: float = 0.2, recover: float = 0.7,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if target_seconds < 0:
+            raise ValueError("the latency target must be >= 0 (0 turns the controller off)")
+        if not 0 < smoothing <= 1 or not 0 < recover <= 1:
+            raise ValueError("smoothing and recover must be in (0, 1]")
+        self.costs = list(costs)
+        self.target = target_seconds
+        self.smoothing = smoothing
+        self.recover = recover
+        self.clock = clock
+        # Widest first: the order in which the controller gives width up.
+        self.by_width = sorted(range(len(self.costs)), key=lambda index: -self.costs[index])
+        self.seconds_per_pixel: dict[int, float] = {}
+        self.observed_at: dict[int, float] = {}
+        self.cap = self.by_width[0]
+        self.downgrades = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.target > 0
+
+    def observe(self, subnet: int, pixels: int, seconds: float) -> None:
+        """A batch of ``pixels`` window pixels ran at ``subnet`` in ``seconds``."""
+        if pixels <= 0 or seconds <= 0:
+            return
+        rate = seconds / pixels
+        previous = self.seconds_per_pixel.get(subnet)
+        self.seconds_per_pixel[subnet] = rate if previous is None else previous + self.smoothing * (rate - previous)
+        self.observed_at[subnet] = self.clock()
+
+    def rate(self, subnet: int) -> float | None:
+        """Seconds per pixel at ``subnet``: measured, or scaled by FLOPs from the nearest measured width; None
+        before any batch has run."""
+        if subnet in self.seconds_per_pixel:
+            return self.seconds_per_pixel[subnet]
+        if not self.seconds_per_pixel:
+            return None
+        nearest = min(self.seconds_per_pixel, key=lambda known: abs(self.costs[known] - self.costs[subnet]))
+        return self.seconds_per_pixel[nearest] * self.costs[subnet] / self.costs[nearest]
+
+    def backlog_seconds(self, pixels_by_subnet: dict[int, int]) -> float:
+        """The estimated seconds to run ``pixels_by_subnet`` (window pixels queued or running, per width)."""
+        return sum(pixels * (self.rate(subnet) or 0.0) for subnet, pixels in pixels_by_subnet.items())
+
+    def choose(self, gate_subnet: int, pixels: int, pixels_ahead: dict[int, int],
+               max_latency_seconds: float | None = None) -> Decision:
+        """The width for an ``auto`` request whose gate picked ``gate_subnet``.
+
+        Args:
+            gate_subnet: the gate's pick.
+            pixels: the request's own window pixels (its tiles with their margins).
+            pixels_ahead: window pixels queued or running ahead of it, per sub-network.
+            max_latency_seconds: the request's own bound, at most the target.
+        """
+        backlog = self.backlog_seconds(pixels_ahead)
+
+        def estimate(subnet: int) -> float:
+            return backlog + pixels * (self.rate(subnet) or 0.0)
+
+        def widest_within(bound: float, widths: list[int]) -> int:
+            return next((subnet for subnet in widths if estimate(subnet) <= bound), widths[-1])
+
+        if not any(pixels_ahead.values()):
+            self.cap = self.by_width[0]  # no load: nothing to give width up for
+        if not self.enabled or not any(pixels_ahead.values()):
+            return Decision(gate_subnet, gate_subnet, REASON_GATE, estimate(gate_subnet))
+        # The cap is the server's state: the widest width that keeps the target, widened again only with room.
+        fit = widest_within(self.target, self.by_width)
+        cap_rank, fit_rank = self.by_width.index(self.cap), self.by_width.index(fit)
+        if fit_rank > cap_rank:
+            self.cap = fit
+        elif fit_rank < cap_rank:
+            self.cap = widest_within(self.recover * self.target, self.by_width[fit_rank:cap_rank + 1])
+        ranks = [self.by_width.index(gate_subnet), self.by_width.index(self.cap)]
+        if max_latency_seconds is not None:
+            ranks.append(self.by_width.index(widest_within(min(self.target, max_latency_seconds), self.by_width)))
+        chosen = self.by_width[max(ranks)]
+        if chosen == gate_subnet:
+            return Decision(chosen, gate_subnet, REASON_GATE, estimate(chosen))
+        self.downgrades += 1
+        return Decision(chosen, gate_subnet, REASON_LOAD, estimate(chosen))
+
+    def state(self, pixels_ahead: dict[int, int]) -> dict:
+        """What ``GET /info`` shows."""
+        return {
+            "enabled": self.enabled,
+            "latency_target_ms": round(1000 * self.target, 1),
+            "cap_subnet": self.cap,
+            "backlog_seconds": round(self.backlog_seconds(pixels_ahead), 4),
+            "seconds_per_megapixel": {str(subnet): round(1e6 * rate, 4)
+                                      for subnet, rate in sorted(self.seconds_per_pixel.items())},
+            "measured_seconds_ago": {str(subnet): round(self.clock() - at, 1)
+                                     for subnet, at in sorted(self.observed_at.items())},
+            "load_downgrades": self.downgrades,
+        }
+
+
+__all__ = ["Decision", "LoadController", "REASON_GATE", "REASON_LOAD", "REASON_REQUESTED"]
