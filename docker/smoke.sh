@@ -3,8 +3,8 @@
 # image, build the app image on it, run it alone, then bring up the stack (app, proxy, Prometheus) with
 # podman-compose, send traffic through the proxy, check what Prometheus saw, and scale the app to 2 replicas.
 #
-#   sudo make smoke      (or sudo docker/smoke.sh; needs root, podman, runc, debootstrap, podman-compose;
-#                         takes minutes; not part of `make test`)
+#   sudo make smoke      (or sudo docker/smoke.sh; needs root, podman, runc, iptables, debootstrap and
+#                         podman-compose; takes minutes; not part of `make test`)
 #
 # nginx and Prometheus run from stand-in images built here from Debian's packages, tagged with the compose
 # file's image names (nginx:1.27-alpine, prom/prometheus:v2.53.0) in local storage only; the compose file
@@ -68,7 +68,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-for tool in podman podman-compose debootstrap curl python3; do
+# iptables: podman's network backend (netavark) sets up the compose network's rules with it.
+for tool in podman podman-compose debootstrap iptables curl python3; do
   command -v "$tool" >/dev/null || { echo "error: $tool is not installed (podman-compose: pip install podman-compose)" >&2; exit 2; }
 done
 [ -x "$RUNTIME" ] || { echo "error: runc not found at $RUNTIME (apt-get install runc, or set RUNTIME)" >&2; exit 2; }
