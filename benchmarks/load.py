@@ -12,10 +12,11 @@
    seconds, controller off (``DDSNET_LATENCY_TARGET_MS=0``) and on (the server's default target, or
    ``--target-ms``), one fresh ``ddsnet serve`` per mode. Every request is waited for.
 
-Reported per mode and load: goodput (200s per second of the run), p50/p95/p99 latency of the 200s, the share of
-503s, the share downgraded for load, and the mean PSNR of the answered images against unloaded ``auto`` on the
-same images. Checks the ``LOAD_*`` targets of :mod:`benchmarks.targets` at 2x, writes
-``benchmarks/results/load.json`` and plots latency and PSNR against offered load to ``load.png`` beside it.
+Reported per mode and load: goodput (200s per second, from the first request sent to the last answer),
+p50/p95/p99 latency of the 200s, the share of 503s, the share downgraded for load, and the mean PSNR of the
+answered images against unloaded ``auto`` on the same images. Checks the ``LOAD_*`` targets of
+:mod:`benchmarks.targets` at 2x, writes ``benchmarks/results/load.json`` and plots latency and PSNR against
+offered load to ``load.png`` beside it.
 """
 
 from __future__ import annotations
@@ -100,8 +101,8 @@ async def closed_loop(base: str, items, clients: int, duration: float) -> float:
 
 
 async def open_loop(base: str, items, rate: float, duration: float) -> tuple[list[dict], float]:
-    """Requests at ``rate`` per second for ``duration`` seconds, each awaited; returns records and the run's
-    length."""
+    """Requests at ``rate`` per second for ``duration`` seconds, each awaited; returns the records and the
+    run's length, from the first request sent to the last answer received."""
     count = max(1, round(rate * duration))
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=300, limits=limits) as http:
@@ -113,7 +114,8 @@ async def open_loop(base: str, items, rate: float, duration: float) -> tuple[lis
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(send(http, base, index, items[index % len(items)][0])))
         records = await asyncio.gather(*tasks)
-    return list(records), duration
+        elapsed = time.perf_counter() - started
+    return list(records), elapsed
 
 
 def summarize(records: list[dict], seconds: float, items, unloaded: dict[int, float]) -> dict:
@@ -214,6 +216,9 @@ def main() -> int:
                 with httpx.Client(timeout=300) as http:
                     for index, (payload, clean) in enumerate(items):
                         response = http.post(f"{base}/denoise", files={"file": ("x.png", payload, "image/png")})
+                        if response.status_code != 200:
+                            raise SystemExit(f"error: unloaded request {index} got {response.status_code}: "
+                                             f"{response.text[:200]}")
                         unloaded[index] = answer_psnr(response.content, clean)
                 report["unloaded_psnr"] = round(float(np.mean(list(unloaded.values()))), 3)
                 print(f"unloaded auto: {report['unloaded_psnr']} dB", flush=True)

@@ -155,7 +155,8 @@ def main() -> int:
     denoiser = Denoiser(load_checkpoint(args.checkpoint))
     report = {"command": command_line(), "checkpoint": args.checkpoint, "machine": machine(), "passes": args.passes,
               "backends": backend_table(denoiser, args.passes, not args.no_compile),
-              "batch_seconds_per_window": batch_table(denoiser, args.passes, index=2)}
+              "batch_seconds_per_window": batch_table(denoiser, args.passes,
+                                                         index=min(2, len(denoiser.subnets) - 1))}
     print(f"batches, seconds per window: {report['batch_seconds_per_window']}", flush=True)
     engines = backends.use_backend(denoiser, args.backend)
     engines.build_all()

@@ -49,6 +49,7 @@ pass() { PASSED+=("$1"); echo "ok: $1"; }
 ids() { podman ps -aq --filter "label=io.podman.compose.project=$PROJECT"; }
 cleanup() {
   status=$?
+  set +e  # tear everything down even where a step of the teardown fails
   if [ -s "$WORK/lone.id" ]; then
     [ $status -eq 0 ] || "${PODMAN[@]}" logs "$(cat "$WORK/lone.id")" 2>&1 | tail -n 20
     "${PODMAN[@]}" rm -f "$(cat "$WORK/lone.id")" >/dev/null 2>&1 || true

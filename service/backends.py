@@ -10,9 +10,9 @@ Backends:
 * ``torch``: the static sub-network in eager torch, channels-last (the CPU runs slimmed convolutions 1.5-1.9x
   faster in that layout than in NCHW). On CUDA it runs in half precision when a fixed check shows that this
   keeps PSNR within 0.01 dB of float32.
-* ``onnxruntime``: the sub-network exported to ONNX with dynamic batch and spatial axes (the ``serve`` extra).
-* ``openvino``: the sub-network converted by OpenVINO, in float32 with bounded dynamic shapes (the
-  ``openvino`` extra).
+* ``onnxruntime``: the sub-network exported to ONNX with dynamic batch and spatial axes (the ``onnx`` extra).
+* ``openvino``: the sub-network converted by OpenVINO, in float32 with bounded dynamic shapes (in the
+  ``serve`` extra).
 
 ``auto`` times every backend installed for the device on one window per sub-network and keeps the fastest.
 CLI and service build their engines here, so their outputs stay identical.
@@ -21,6 +21,7 @@ CLI and service build their engines here, so their outputs stay identical.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import io
 import logging
@@ -136,10 +137,10 @@ def half_precision_loss_db(static: nn.Module, device: torch.device, dtype: torch
         mse = (denoised.float().cpu().clamp(0, 1) - clean).pow(2).mean().item()
         return 10 * math.log10(1 / mse)
 
+    reduced_copy = copy.deepcopy(static).to(dtype)  # converting in place would round the float32 weights
     with torch.inference_mode():
         full = psnr(static(noisy))
-        reduced = psnr(static.to(dtype)(noisy.to(dtype)))
-    static.float()
+        reduced = psnr(reduced_copy(noisy.to(dtype)))
     return full - reduced
 
 
@@ -205,11 +206,14 @@ def _openvino_engine(static: nn.Module, bound: ShapeBound, threads: int) -> Subn
         "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"})
     request = compiled.create_infer_request()
     output = compiled.output(0)
+    lock = threading.Lock()
 
     def run(windows: torch.Tensor) -> torch.Tensor:
         array = np.ascontiguousarray(windows.detach().cpu().numpy(), dtype=np.float32)
-        # A request is not thread-safe, and its output buffer is reused by the next call: copy it out.
-        return torch.from_numpy(request.infer({0: array})[output].copy()).clamp_(0, 1)
+        # A request is not thread-safe, and its output buffer is reused by the next call: one call at a time,
+        # and the output copied out.
+        with lock:
+            return torch.from_numpy(request.infer({0: array})[output].copy()).clamp_(0, 1)
 
     run(_example(bound))
     return SubnetEngine("openvino", run, time.perf_counter() - started)
@@ -323,7 +327,7 @@ class EngineSet(Mapping[int, SubnetEngine]):
                  "build_seconds": round(engine.build_seconds, 2),
                  **({"probe_ms": {name: round(1000 * s, 2) for name, s in self.probe_seconds[index].items()}}
                     if index in self.probe_seconds else {})}
-                for index, engine in sorted(self._engines.items())
+                for index, engine in sorted(dict(self._engines).items())  # a copy: the worker may be building
             ],
         }
 
