@@ -10,6 +10,13 @@ function show(element, text) {
   element.hidden = !text;
 }
 
+// Why the sub-network ran, from the DDSNet-Reason header: the gate's pick, a slimmer one under load, or asked.
+function describeReason(reason, gateSubnet, quality) {
+  if (reason === "load") return `slimmer than the gate's pick (${gateSubnet}) to keep latency under load`;
+  if (reason === "gate") return "picked by the gate";
+  return `requested (${quality})`;
+}
+
 function setFile(file) {
   const transfer = new DataTransfer();
   transfer.items.add(file);
@@ -67,7 +74,8 @@ $("form").addEventListener("submit", async (event) => {
     const spent = Number(response.headers.get("DDSNet-GFLOPs"));
     const widest = Number(response.headers.get("DDSNet-GFLOPs-Widest"));
     $("subnet").textContent = subnet;
-    $("reason").textContent = quality === "auto" ? "picked by the gate" : `requested (${quality})`;
+    $("reason").textContent = describeReason(response.headers.get("DDSNet-Reason"),
+                                             response.headers.get("DDSNet-Gate-Subnet"), quality);
     $("gflops").textContent = `${spent.toFixed(1)} GFLOPs, against ${widest.toFixed(1)} for best`
       + ` (${Math.round(100 * spent / widest)}%)`;
     $("time").textContent = `${seconds.toFixed(2)} s, of which compute `

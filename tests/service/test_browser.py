@@ -64,6 +64,11 @@ def test_the_page_denoises_a_picked_photo_and_shows_what_ran(server_url, browser
     browser.save_screenshot(str(tmp_path / "page.png"))
     assert (tmp_path / "page.png").stat().st_size > 0
 
+    # auto on an idle server: the reason shown is the server's (DDSNet-Reason), the gate's pick.
+    browser.find_element(By.CSS_SELECTOR, "input[name=quality][value=auto]").click()
+    browser.find_element(By.ID, "send").click()
+    WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "reason").text == "picked by the gate")
+
 
 def test_the_page_shows_the_apis_error_detail(server_url, browser, tmp_path):
     from selenium.webdriver.common.by import By
