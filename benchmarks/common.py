@@ -118,6 +118,12 @@ def argument_parser(description: str | None) -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def print_targets(checks: dict, prefix: str = "") -> None:
+    """Print each target as ``target NAME: VALUE vs BAR: met|missed`` (``checks``: name -> value, bar, met)."""
+    for name, check in checks.items():
+        print(f"target {prefix}{name}: {check['value']} vs {check['bar']}: {'met' if check['met'] else 'missed'}")
+
+
 def write_report(path: str | Path, report: dict) -> Path:
     """Write ``report`` as indented JSON (parent folders created) and print ``wrote PATH``."""
     path = Path(path)

@@ -32,15 +32,7 @@ import torch
 from PIL import Image
 
 from benchmarks import targets
-from benchmarks.common import (
-    argument_parser,
-    command_line,
-    free_port,
-    start_server,
-    stop_server,
-    wait_ready,
-    write_report,
-)
+from benchmarks.common import argument_parser, command_line, print_targets, running_server, write_report
 from model import DEFAULT_CHECKPOINT
 from model.metrics import add_noise, psnr
 from service.settings import Settings
@@ -140,16 +132,6 @@ def summarize(records: list[dict], seconds: float, items, unloaded: dict[int, fl
     return row
 
 
-def serve(checkpoint: str, target_ms: float | None):
-    env = {"DDSNET_REQUEST_TIMEOUT_S": "300"}
-    if target_ms is not None:
-        env["DDSNET_LATENCY_TARGET_MS"] = f"{target_ms:g}"
-    port = free_port()
-    server = start_server(checkpoint, port, env)
-    wait_ready(port, 300, server)
-    return server, f"http://127.0.0.1:{port}"
-
-
 def check(report: dict) -> dict:
     """The targets at 2x the sustainable rate, controller on."""
     row = next((r for r in report["runs"] if r["controller"] == "on" and r["load"] == 2), None)
@@ -207,8 +189,8 @@ def main() -> int:
               "inputs": len(items), "duration_s": args.duration, "latency_target_ms": target_ms, "runs": []}
     unloaded: dict[int, float] = {}  # PSNR of unloaded auto per input, measured with the controller on
     for mode in ("off", "on"):
-        server, base = serve(args.checkpoint, 0 if mode == "off" else target_ms)
-        try:
+        env = {"DDSNET_REQUEST_TIMEOUT_S": "300", "DDSNET_LATENCY_TARGET_MS": f"{0 if mode == 'off' else target_ms:g}"}
+        with running_server(args.checkpoint, env, timeout=300) as base:
             if mode == "off":
                 report["sustained_per_s"] = round(asyncio.run(closed_loop(base, items, 4, args.duration)), 3)
                 print(f"auto sustains {report['sustained_per_s']} answers/s", flush=True)
@@ -226,16 +208,12 @@ def main() -> int:
                 records, seconds = asyncio.run(open_loop(base, items, load * report["sustained_per_s"], args.duration))
                 report["runs"].append({"controller": mode, "load": load, "records": records, "seconds": seconds})
                 print(f"controller {mode}, {load:g}x: {len(records)} requests sent", flush=True)
-        finally:
-            stop_server(server)
     for run in report["runs"]:
         records, seconds = run.pop("records"), run.pop("seconds")
         run.update(summarize(records, seconds, items, unloaded))
         print(run, flush=True)
     report["targets"] = check(report)
-    for name, result in report["targets"].items():
-        print(f"target at 2x, controller on, {name}: {result['value']} vs {result['bar']}: "
-              f"{'met' if result['met'] else 'missed'}")
+    print_targets(report["targets"], prefix="at 2x, controller on, ")
     out = write_report(args.out, report)
     plot(report, Path(out).with_suffix(".png"))
     return 0

@@ -20,7 +20,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import targets
-from benchmarks.common import argument_parser, command_line, write_report
+from benchmarks.common import argument_parser, command_line, print_targets, write_report
 from model import DEFAULT_CHECKPOINT, Denoiser, load_checkpoint
 from model.metrics import psnr
 from training.data import pair_label
@@ -169,8 +169,7 @@ def main() -> int:
         line = ", ".join(f"{m} {r['psnr']:.2f}" for m, r in results[sigma].items())
         peer_line = ", ".join(f"{p} {r['psnr']:.2f}" for p, r in peers.get(sigma, {}).items())
         print(f"sigma {sigma}: {line} | {peer_line}")
-    for name, check in report[targets_key()].items():
-        print(f"target {name}: {check['value']} vs bar {check['bar']}: {'met' if check['met'] else 'missed'}")
+    print_targets(report[targets_key()])
     print(f"wrote {out.with_suffix('.png')}")
     return 0
 

@@ -31,15 +31,7 @@ import torch
 from PIL import Image
 
 from benchmarks import targets
-from benchmarks.common import (
-    argument_parser,
-    command_line,
-    free_port,
-    start_server,
-    stop_server,
-    wait_ready,
-    write_report,
-)
+from benchmarks.common import argument_parser, command_line, print_targets, running_server, write_report
 from model import DEFAULT_CHECKPOINT, Denoiser, load_checkpoint
 from model.metrics import add_noise
 from model.tiling import DEFAULT_TILE
@@ -163,15 +155,12 @@ def main() -> int:
               "megapixels": round(megapixels, 3), "sizes": SIZES, "seed": args.seed}
     report["in_process"] = in_process(args.checkpoint, items, args.quality, args.backend)
     print("in-process:", report["in_process"], flush=True)
-    port = free_port()
-    started = time.perf_counter()
     # The latency controller off: under load it would run auto slimmer, and this compares like with like.
-    server = start_server(args.checkpoint, port, {"DDSNET_MAX_QUEUE_TILES": "4096", "DDSNET_REQUEST_TIMEOUT_S": "1200",
-                                                   "DDSNET_BACKEND": args.backend, "DDSNET_LATENCY_TARGET_MS": "0"})
-    try:
-        wait_ready(port, 300, server)
-        report["ready_seconds"] = round(time.perf_counter() - started, 2)
-        base = f"http://127.0.0.1:{port}"
+    env = {"DDSNET_MAX_QUEUE_TILES": "4096", "DDSNET_REQUEST_TIMEOUT_S": "1200", "DDSNET_BACKEND": args.backend,
+           "DDSNET_LATENCY_TARGET_MS": "0"}
+    started = time.perf_counter()
+    with running_server(args.checkpoint, env, timeout=300) as base:
+        report["ready_seconds"] = round(time.perf_counter() - started, 2)  # from the process's start
         report["server_engines"] = {row["subnet"]: row["backend"]
                                     for row in httpx.get(f"{base}/info").json()["engines"]["subnets"]}
         print(f"ready in {report['ready_seconds']} s; engines {report['server_engines']}", flush=True)
@@ -182,11 +171,8 @@ def main() -> int:
             row["vs_cli_path"] = round(row["mpix_per_s"] / report["in_process"]["cli_path"]["mpix_per_s"], 3)
             print(row, flush=True)
             report["http"].append(row)
-    finally:
-        stop_server(server)
     report["targets"] = check_targets(report)
-    for name, result in report["targets"].items():
-        print(f"target {name}: {result['value']} vs {result['bar']}: {'met' if result['met'] else 'missed'}")
+    print_targets(report["targets"])
     write_report(args.out, report)
     return 0
 

@@ -26,7 +26,7 @@ import time
 import torch
 
 from benchmarks import targets
-from benchmarks.common import argument_parser, command_line, write_report
+from benchmarks.common import argument_parser, command_line, print_targets, write_report
 from benchmarks.quality import ffdnet_model
 from model import DEFAULT_CHECKPOINT, Denoiser, load_checkpoint
 from service import backends
@@ -167,8 +167,7 @@ def main() -> int:
     for method, row in report["cli_path"].items():
         print(f"{method}: {row}")
     print(f"time against FLOPs, per sub-network: {report['time_vs_flops']}")
-    for name, result in report["targets"].items():
-        print(f"target {name}: {result['value']} vs {result['bar']}: {'met' if result['met'] else 'missed'}")
+    print_targets(report["targets"])
     return 0
 
 

@@ -104,6 +104,12 @@ def noise_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def target_lines(checks: dict, prefix: str = "") -> list[str]:
+    """One markdown bullet per target: ``- NAME: VALUE (met|missed)``."""
+    return [f"- {prefix}{name}: {check['value']} ({'met' if check['met'] else 'missed'})"
+            for name, check in checks.items()]
+
+
 def serve_table(report: dict) -> str:
     """In-process and every HTTP run, then the serving targets, met or missed."""
     lines = ["| run | concurrency | MPix/s | vs model | vs CLI path | p50 s | p95 s | p99 s |",
@@ -115,10 +121,7 @@ def serve_table(report: dict) -> str:
     for row in report["http"]:
         lines.append(f"| HTTP | {row['concurrency']} | {row['mpix_per_s']:.3f} | {row['vs_model']:.2f} | "
                      f"{row['vs_cli_path']:.2f} | {row['p50']} | {row['p95']} | {row['p99']} |")
-    lines.append("")
-    for name, result in report["targets"].items():
-        lines.append(f"- {name}: {result['value']} ({'met' if result['met'] else 'missed'})")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *target_lines(report["targets"])])
 
 
 def speed_table(report: dict) -> str:
@@ -136,10 +139,7 @@ def speed_table(report: dict) -> str:
         cells = " | ".join(f"{row['seconds'][name]:.3f}" for name in names)
         lines.append(f"| {row['subnet']} | {row['flops_fraction']:.3f} | {cells} | {chosen[row['subnet']]} | "
                      f"{report['time_vs_flops'][str(row['subnet'])]:+.0%} |")
-    lines.append("")
-    for name, result in report["targets"].items():
-        lines.append(f"- {name}: {result['value']} ({'met' if result['met'] else 'missed'})")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *target_lines(report["targets"])])
 
 
 def load_table(report: dict) -> str:
@@ -153,10 +153,7 @@ def load_table(report: dict) -> str:
                      f"{row['answered_share']:.1%} | {row['share_503']:.1%} | {row.get('p50_s', '')} | "
                      f"{row.get('p95_s', '')} | {row.get('p99_s', '')} | {row['downgraded_share']:.0%} | "
                      f"{row.get('mean_psnr', '')} | {row.get('psnr_loss_vs_unloaded', '')} |")
-    lines.append("")
-    for name, result in report["targets"].items():
-        lines.append(f"- at 2x, controller on, {name}: {result['value']} ({'met' if result['met'] else 'missed'})")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *target_lines(report["targets"], "at 2x, controller on, ")])
 
 
 def main() -> int:
