@@ -1,12 +1,16 @@
-"""Helpers shared by the benchmarks: a served checkpoint on a free port, the command line, JSON reports."""
+"""Helpers shared by the benchmarks (and the tests): a served checkpoint on a free port, mutated uploads, the
+command line, JSON reports."""
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
+import random
 import shlex
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -15,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import numpy as np
+from PIL import Image
 
 
 def free_port() -> int:
@@ -99,6 +105,36 @@ def running_server(checkpoint: str, env: Mapping[str, str] | None = None, extra_
         yield base_url(port)
     finally:
         stop_server(server)
+
+
+def mutate(data: bytes, rng: random.Random) -> bytes:
+    """One random corruption: flipped bytes, a cut, a spliced repeat, or an overwritten header field."""
+    data = bytearray(data)
+    kind = rng.randrange(4)
+    if kind == 0:
+        for _ in range(rng.randint(1, 8)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+    elif kind == 1:
+        data = data[: rng.randrange(1, len(data))]
+    elif kind == 2:
+        start = rng.randrange(len(data))
+        data[start:start] = data[start : start + rng.randint(1, 64)] * rng.randint(1, 4)
+    else:
+        position = rng.randrange(min(64, len(data)))
+        data[position : position + 4] = struct.pack(">I", rng.choice([0, 1, 0xFFFF, 0xFFFFFFFF, 6000, 2**24]))
+    return bytes(data)
+
+
+def seed_files(side: int = 48) -> list[tuple[str, bytes]]:
+    """Small valid files of every readable format, the starting points of the mutations."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (side, side + 8, 3), np.uint8))
+    files = []
+    for name, fmt, options in (("a.png", "PNG", {}), ("a.jpg", "JPEG", {}), ("a.webp", "WEBP", {"lossless": True}),
+                               ("b.webp", "WEBP", {}), ("a.tif", "TIFF", {}), ("a.bmp", "BMP", {})):
+        buffer = io.BytesIO()
+        image.save(buffer, fmt, **options)
+        files.append((name, buffer.getvalue()))
+    return files
 
 
 def program() -> list[str]:

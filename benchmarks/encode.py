@@ -19,7 +19,8 @@ from PIL import Image
 
 from benchmarks.common import argument_parser, command_line, write_report
 from service.imaging import decode_image, encode_image
-from training.evaluate import load_clean_images, machine
+from training.evaluate import load_clean_images
+from training.provenance import machine
 
 
 def photos() -> list:

@@ -31,8 +31,8 @@ from model import DEFAULT_CHECKPOINT, load_checkpoint
 from model.metrics import add_noise, psnr
 from model.tiling import denoise_whole
 from training.data import PatchSampler, list_images, load_rgb
-from training.evaluate import machine
 from training.gate import smallest_within
+from training.provenance import machine
 
 SIGMA_BANDS = [(0, 10), (10, 20), (20, 30), (30, 40), (40, 55)]
 DELTAS = [0.02, 0.05, 0.08, 0.1, 0.15, 0.2]

@@ -36,7 +36,8 @@ from benchmarks.common import argument_parser, command_line, print_targets, runn
 from model import DEFAULT_CHECKPOINT
 from model.metrics import add_noise, psnr
 from service.settings import Settings
-from training.evaluate import load_clean_images, machine
+from training.evaluate import load_clean_images
+from training.provenance import machine
 
 
 def inputs(side: int, seed: int) -> list[tuple[bytes, torch.Tensor]]:

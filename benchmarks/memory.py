@@ -17,10 +17,11 @@ import torch
 from PIL import Image
 
 from benchmarks.common import argument_parser, command_line, write_report
-from model import DEFAULT_CHECKPOINT, Denoiser, load_checkpoint
+from model import DEFAULT_CHECKPOINT, Denoiser, Quality, load_checkpoint
 from model.metrics import add_noise
 from model.tiling import DEFAULT_TILE
-from training.evaluate import load_clean_images, machine
+from training.evaluate import load_clean_images
+from training.provenance import machine
 
 
 def peak_rss_mib() -> float:
@@ -45,7 +46,7 @@ def main() -> int:
     denoiser = Denoiser(load_checkpoint(args.checkpoint), tile=args.tile)
     before = peak_rss_mib()
     started = time.perf_counter()
-    result = denoiser.denoise(noisy, args.quality)
+    result = denoiser.denoise(noisy, Quality(args.quality))
     seconds = time.perf_counter() - started
     after = peak_rss_mib()
     image_mib = 2 * noisy.numel() * 4 / 2**20  # the input and the stitched output, float32

@@ -24,8 +24,9 @@ from benchmarks.common import argument_parser, command_line, print_targets, writ
 from model import DEFAULT_CHECKPOINT, Denoiser, load_checkpoint
 from model.metrics import psnr
 from training.data import pair_label
-from training.degradations import EVAL_DEGRADATIONS, NON_AWGN, noise_rms
-from training.evaluate import machine, measure_denoiser, noisy_pairs, plot
+from training.degradations import EVAL_DEGRADATIONS, EVAL_SIGMAS, NON_AWGN, noise_rms
+from training.evaluate import measure_denoiser, noisy_pairs, plot
+from training.provenance import machine
 
 
 def ffdnet_model():
@@ -130,7 +131,7 @@ def check_targets(results: dict, peers: dict) -> dict:
 def main() -> int:
     parser = argument_parser(__doc__)
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
-    parser.add_argument("--sigma", type=float, nargs="+", default=[15.0, 25.0, 50.0], help="AWGN sigmas")
+    parser.add_argument("--sigma", type=float, nargs="+", default=list(EVAL_SIGMAS), help="AWGN sigmas")
     parser.add_argument("--degradations", nargs="*", default=list(NON_AWGN), choices=list(EVAL_DEGRADATIONS),
                         metavar="NAME", help="other noises by name; FFDNet gets their RMS as its sigma")
     parser.add_argument("--bm3d-sigma", type=float, nargs="*", default=[25.0], help="CBM3D is slow: these sigmas")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import random
-import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,42 +30,14 @@ from benchmarks.common import (
     base_url,
     command_line,
     free_port,
+    mutate,
+    seed_files,
     start_server,
     stop_server,
     wait_ready,
     write_report,
 )
 from model import DEFAULT_CHECKPOINT
-
-
-def mutate(data: bytes, rng: random.Random) -> bytes:
-    """One random corruption: flipped bytes, a cut, a spliced repeat, or an overwritten header field."""
-    data = bytearray(data)
-    kind = rng.randrange(4)
-    if kind == 0:
-        for _ in range(rng.randint(1, 8)):
-            data[rng.randrange(len(data))] = rng.randrange(256)
-    elif kind == 1:
-        data = data[: rng.randrange(1, len(data))]
-    elif kind == 2:
-        start = rng.randrange(len(data))
-        data[start:start] = data[start : start + rng.randint(1, 64)] * rng.randint(1, 4)
-    else:
-        position = rng.randrange(min(64, len(data)))
-        data[position : position + 4] = struct.pack(">I", rng.choice([0, 1, 0xFFFF, 0xFFFFFFFF, 6000, 2**24]))
-    return bytes(data)
-
-
-def seed_files(side: int = 48) -> list[tuple[str, bytes]]:
-    """Small valid files of every readable format, the starting points of the mutations."""
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (side, side + 8, 3), np.uint8))
-    files = []
-    for name, fmt, options in (("a.png", "PNG", {}), ("a.jpg", "JPEG", {}), ("a.webp", "WEBP", {"lossless": True}),
-                               ("b.webp", "WEBP", {}), ("a.tif", "TIFF", {}), ("a.bmp", "BMP", {})):
-        buffer = io.BytesIO()
-        image.save(buffer, fmt, **options)
-        files.append((name, buffer.getvalue()))
-    return files
 
 
 def rss_mib(pid: int) -> dict[str, float]:

@@ -32,12 +32,13 @@ from PIL import Image
 
 from benchmarks import targets
 from benchmarks.common import argument_parser, command_line, print_targets, running_server, write_report
-from model import DEFAULT_CHECKPOINT, Denoiser, load_checkpoint
+from model import DEFAULT_CHECKPOINT, Denoiser, Quality, load_checkpoint
 from model.metrics import add_noise
 from model.tiling import DEFAULT_TILE
-from service.backends import CHOICES, use_backend
+from service.backends import CHOICES, Runtimes
 from service.imaging import decode_image, encode_image
-from training.evaluate import load_clean_images, machine
+from training.evaluate import load_clean_images
+from training.provenance import machine
 
 SIZES = [(256, 256), (640, 480), (1024, 768), (1280, 960), (1632, 1224)]  # up to 2.0 MP
 
@@ -67,16 +68,17 @@ def in_process(checkpoint: str, items, quality: str, backend: str, tile: int = D
     """One after another in this process, with the CLI's engines: ``model`` denoises the decoded tensors only;
     ``cli_path`` also decodes each PNG and encodes the answer, as ``ddsnet denoise`` does (files aside)."""
     denoiser = Denoiser(load_checkpoint(checkpoint), tile=tile)
-    engines = use_backend(denoiser, backend)
+    engines = Runtimes(denoiser, backend)
     engines.build_all()
-    denoiser.denoise(items[0][1], quality)  # warm-up
+    quality = Quality(quality)
+    denoiser.denoise(items[0][1], quality, engines)  # warm-up
 
     def cli_step(payload: bytes) -> None:
         decoded = decode_image(payload)
-        encode_image(denoiser.denoise(decoded.rgb, quality).denoised, decoded, "png")
+        encode_image(denoiser.denoise(decoded.rgb, quality, engines).denoised, decoded, "png")
 
     report = {"engines": {row["subnet"]: row["backend"] for row in engines.summary()["subnets"]}}
-    for name, step in (("model", lambda item: denoiser.denoise(item[1], quality)),
+    for name, step in (("model", lambda item: denoiser.denoise(item[1], quality, engines)),
                        ("cli_path", lambda item: cli_step(item[0]))):
         latencies, pixels = [], 0
         started = time.perf_counter()

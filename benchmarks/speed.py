@@ -28,9 +28,10 @@ import torch
 from benchmarks import targets
 from benchmarks.common import argument_parser, command_line, print_targets, write_report
 from benchmarks.quality import ffdnet_model
-from model import DEFAULT_CHECKPOINT, Denoiser, load_checkpoint
+from model import DEFAULT_CHECKPOINT, Denoiser, Quality, load_checkpoint
 from service import backends
-from training.evaluate import machine, noisy_pairs
+from training.evaluate import noisy_pairs
+from training.provenance import machine
 
 
 def timed(function) -> float:
@@ -40,7 +41,7 @@ def timed(function) -> float:
 
 
 @torch.inference_mode()
-def cli_path(denoiser: Denoiser, pairs: list, passes: int) -> dict:
+def cli_path(denoiser: Denoiser, engines: backends.Runtimes, pairs: list, passes: int) -> dict:
     """Median MPix/s and GFLOP/s per method over ``passes`` alternating passes of the photos."""
     ffdnet = ffdnet_model()
     pixels = sum(clean.shape[-1] * clean.shape[-2] for _, _, clean, _ in pairs)
@@ -51,7 +52,7 @@ def cli_path(denoiser: Denoiser, pairs: list, passes: int) -> dict:
             spent = 0.0
             started = time.perf_counter()
             for _, _, _, noisy in pairs:
-                spent += denoiser.denoise(noisy, quality).flops
+                spent += denoiser.denoise(noisy, Quality(quality), engines).flops
             seconds[quality].append(time.perf_counter() - started)
             flops[quality] = spent
         started = time.perf_counter()
@@ -93,7 +94,7 @@ def backend_table(denoiser: Denoiser, passes: int, with_compile: bool) -> list[d
             median_seconds(lambda widths=subnet.widths: denoiser.net(image, widths), passes), 4)
         denoiser.net.to(memory_format=torch.channels_last)
         for name in backends.candidates(denoiser.device):
-            engine = backends.build_engine(denoiser, index, name, bound)
+            engine = backends.build_runtime(denoiser, index, name, bound)
             row["build_seconds"][name] = round(engine.build_seconds, 2)
             row["seconds"][name] = round(median_seconds(lambda engine=engine: engine(image), passes), 4)
         if with_compile:
@@ -113,7 +114,7 @@ def batch_table(denoiser: Denoiser, passes: int, index: int) -> dict:
     bound = backends.shape_bound(denoiser, max_batch=4)
     table = {}
     for name in backends.candidates(denoiser.device):
-        engine = backends.build_engine(denoiser, index, name, bound)
+        engine = backends.build_runtime(denoiser, index, name, bound)
         table[name] = {}
         for size in (1, 2, 4):
             batch = torch.rand(size, 3, 512, 512, generator=torch.Generator().manual_seed(size))
@@ -158,10 +159,10 @@ def main() -> int:
               "batch_seconds_per_window": batch_table(denoiser, args.passes,
                                                          index=min(2, len(denoiser.subnets) - 1))}
     print(f"batches, seconds per window: {report['batch_seconds_per_window']}", flush=True)
-    engines = backends.use_backend(denoiser, args.backend)
+    engines = backends.Runtimes(denoiser, args.backend)
     engines.build_all()
     report["engines"] = engines.summary()
-    report["cli_path"] = cli_path(denoiser, noisy_pairs("skimage", [25.0], 0), args.passes)
+    report["cli_path"] = cli_path(denoiser, engines, noisy_pairs("skimage", [25.0], 0), args.passes)
     report["targets"] = check(report)
     write_report(args.out, report)
     for method, row in report["cli_path"].items():

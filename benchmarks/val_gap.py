@@ -21,8 +21,9 @@ from benchmarks.common import argument_parser, command_line, write_report
 from benchmarks.quality import measure_ffdnet
 from model import DEFAULT_CHECKPOINT, Denoiser, load_checkpoint
 from training.data import fixed_noisy_set
-from training.degradations import EVAL_DEGRADATIONS, NON_AWGN
-from training.evaluate import machine, measure_denoiser
+from training.degradations import EVAL_DEGRADATIONS, EVAL_SIGMAS, NON_AWGN
+from training.evaluate import measure_denoiser
+from training.provenance import machine
 
 
 def main() -> int:
@@ -30,7 +31,7 @@ def main() -> int:
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     parser.add_argument("--images", default="../shared/data/photos/val")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.5])
-    parser.add_argument("--sigma", type=float, nargs="+", default=[15.0, 25.0, 50.0], help="AWGN sigmas")
+    parser.add_argument("--sigma", type=float, nargs="+", default=list(EVAL_SIGMAS), help="AWGN sigmas")
     parser.add_argument("--degradations", nargs="*", default=list(NON_AWGN), choices=list(EVAL_DEGRADATIONS),
                         metavar="NAME", help="other noises by name; FFDNet gets their RMS as its sigma")
     parser.add_argument("--seed", type=int, default=1234)

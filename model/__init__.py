@@ -10,7 +10,7 @@ from model.checkpoint import (
 )
 from model.flops import gate_macs, supernet_macs, supernet_mflops_per_pixel
 from model.gate import Gate, GateConfig
-from model.inference import Denoiser, DenoiseResult, Quality, resolve_device
+from model.inference import Denoiser, DenoiseResult, Noise, Quality, Selection, resolve_device
 from model.supernet import SlimUNet, SupernetConfig, WidthConfig
 from model.tiling import denoise_tiled, denoise_whole
 
@@ -33,7 +33,9 @@ __all__ = [
     "Denoiser",
     "Gate",
     "GateConfig",
+    "Noise",
     "Quality",
+    "Selection",
     "SlimUNet",
     "Subnet",
     "SupernetConfig",

@@ -1,14 +1,22 @@
 """The checkpoint: the one contract between training and serving.
 
-A single safetensors file. Tensors are the supernet's (``net.*``) and the gate's (``gate.*``) weights.
-The header's metadata holds one key, ``ddsnet``, a JSON document:
+A single safetensors file. Tensors are the supernet's (``net.*``) and the gate's (``gate.*``) weights. A
+checkpoint may hold several *profiles*: supernets of one architecture, each trained for other noise (``white``
+for white noise, ``compressed`` for JPEG-compressed and correlated noise). The first profile's weights are
+``net.*``, each other one's ``profile.<name>.*``. The header's metadata holds one key, ``ddsnet``, a JSON
+document:
 
 ```
-{"format": "ddsnet-checkpoint", "version": 1,
- "model": {SupernetConfig}, "gate": {"config": {GateConfig}, "trained": bool},
- "subnets": [{"widths": [...], "mflops_per_pixel": float, "val_psnr": {"15": dB, ...}}, ...],
+{"format": "ddsnet-checkpoint", "version": 2,
+ "model": {SupernetConfig}, "profiles": ["white", "compressed"],
+ "gate": {"config": {GateConfig}, "trained": bool},
+ "subnets": [{"profile": "white", "widths": [...], "mflops_per_pixel": float, "val_psnr": {"15": dB, ...}}, ...],
  "provenance": {...}, "tensors_sha256": "..."}
 ```
+
+A sub-network is a (profile, widths) pair, a row of ``subnets``; the gate scores every row. Version 1 files
+(one profile, no ``profiles`` key) read as the profile ``white``. Weights may be stored in float16; they are
+loaded as float32 and computed in float32.
 
 Loading never unpickles. A missing, truncated, corrupted or mismatched file raises
 :class:`CheckpointError` with a message that names the problem. The metadata is checked against a schema
@@ -22,6 +30,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -35,8 +45,13 @@ from model.supernet import SlimUNet, SupernetConfig, WidthConfig
 # The shipped checkpoint, relative to the repository root: the default of every command that reads one.
 DEFAULT_CHECKPOINT = "checkpoints/ddsnet-color.safetensors"
 FORMAT = "ddsnet-checkpoint"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 METADATA_KEY = "ddsnet"
+# The profile of a single-profile checkpoint: the network trained on white noise.
+DEFAULT_PROFILE = "white"
+PROFILE_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+MAX_PROFILES = 8
 
 
 class CheckpointError(Exception):
@@ -82,8 +97,9 @@ def _mapping(value, name: str, allowed: set[str]) -> dict:
 
 def check_document(document) -> None:
     """Check a checkpoint's JSON document against the schema and its bounds; raise :class:`CheckpointError`."""
-    document = _mapping(document, "metadata", {"format", "version", "model", "gate", "subnets", "provenance",
-                                                "tensors_sha256"})
+    document = _mapping(document, "metadata", {"format", "version", "model", "profiles", "gate", "subnets",
+                                                "provenance", "tensors_sha256"})
+    profiles = profile_names(document)
     model = _mapping(document.get("model"), "model", {f.name for f in fields(SupernetConfig)})
     levels = len(_integers(model.get("channels", [32, 64, 128, 256]), "model.channels", 1, MAX_CHANNELS, 2,
                            MAX_LEVELS))
@@ -101,13 +117,17 @@ def check_document(document) -> None:
             _integer(gate_config[key], f"gate.config.{key}", low, high)
     if "features" in gate_config:
         _integers(gate_config["features"], "gate.config.features", 1, MAX_CHANNELS, 3, 3)
+    if not isinstance(gate_config.get("noise_stats", False), bool):
+        raise CheckpointError("gate.config.noise_stats must be true or false")
     if not isinstance(gate.get("trained", False), bool):
         raise CheckpointError("gate.trained must be true or false")
     subnets = document.get("subnets")
     if not isinstance(subnets, list) or not 1 <= len(subnets) <= MAX_SUBNETS:
         raise CheckpointError(f"subnets must be a list of 1 to {MAX_SUBNETS} rows")
     for index, row in enumerate(subnets):
-        row = _mapping(row, f"subnets[{index}]", {"widths", "channels", "mflops_per_pixel", "val_psnr"})
+        row = _mapping(row, f"subnets[{index}]", {"profile", "widths", "channels", "mflops_per_pixel", "val_psnr"})
+        if row.get("profile", profiles[0]) not in profiles:
+            raise CheckpointError(f"subnets[{index}].profile must be one of the profiles {profiles}")
         _integers(row.get("widths", row.get("channels")), f"subnets[{index}].widths", 1, MAX_CHANNELS, 1,
                   4 * MAX_BLOCKS + MAX_LEVELS)
         _number(row.get("mflops_per_pixel"), f"subnets[{index}].mflops_per_pixel")
@@ -121,27 +141,56 @@ def check_document(document) -> None:
         raise CheckpointError(f"provenance must be a JSON object of at most {MAX_PROVENANCE_BYTES} bytes")
 
 
+def profile_names(document: dict) -> list[str]:
+    """The profiles a checkpoint's document lists, first the one whose weights are ``net.*``."""
+    profiles = document.get("profiles", [DEFAULT_PROFILE])
+    if not isinstance(profiles, list) or not 1 <= len(profiles) <= MAX_PROFILES or len(set(profiles)) != len(profiles):
+        raise CheckpointError(f"profiles must be a list of 1 to {MAX_PROFILES} distinct names")
+    for name in profiles:
+        if not isinstance(name, str) or not PROFILE_NAME.fullmatch(name):
+            raise CheckpointError(f"profile name {name!r:.40} must be lower-case letters, digits, '-' or '_'")
+    return profiles
+
+
+def _prefix(profiles: list[str], name: str) -> str:
+    """Where a profile's tensors live: ``net.`` for the first, ``profile.<name>.`` for the others."""
+    return "net." if name == profiles[0] else f"profile.{name}."
+
+
 @dataclass(frozen=True)
 class Subnet:
-    """One row of the sub-network table: a configuration (the channel count of every group, see
-    :meth:`SlimUNet.groups`), its cost and its validation PSNR."""
+    """One row of the sub-network table: a profile (which supernet), a configuration (the channel count of
+    every group, see :meth:`SlimUNet.groups`), its cost and its validation PSNR."""
 
     widths: WidthConfig
     mflops_per_pixel: float
     val_psnr: dict[str, float] = field(default_factory=dict)
+    profile: str = DEFAULT_PROFILE
 
     def to_dict(self) -> dict:
-        return {"widths": list(self.widths), "mflops_per_pixel": self.mflops_per_pixel, "val_psnr": self.val_psnr}
+        return {"profile": self.profile, "widths": list(self.widths), "mflops_per_pixel": self.mflops_per_pixel,
+                "val_psnr": self.val_psnr}
 
 
 @dataclass
 class Checkpoint:
+    """A loaded checkpoint. ``net`` is the first profile's supernet; ``nets`` holds every profile's, in order."""
+
     net: SlimUNet
     gate: Gate
     subnets: list[Subnet]
     gate_trained: bool = False
     provenance: dict = field(default_factory=dict)
     tensors_sha256: str = ""  # the digest of the file's tensors: which weights these are
+    nets: dict[str, SlimUNet] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.nets:
+            self.nets = {self.subnets[0].profile if self.subnets else DEFAULT_PROFILE: self.net}
+
+    @property
+    def profiles(self) -> list[str]:
+        return list(self.nets)
 
 
 def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -154,7 +203,7 @@ def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 def save_checkpoint(
     path: str | Path,
-    net: SlimUNet,
+    net: SlimUNet | Mapping[str, SlimUNet],
     gate: Gate,
     subnets: list[Subnet],
     *,
@@ -162,17 +211,34 @@ def save_checkpoint(
     provenance: dict | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> None:
-    """Write ``net``, ``gate`` and the sub-network table to ``path`` (atomically: temp file, then rename)."""
+    """Write the supernet(s), ``gate`` and the sub-network table to ``path`` (atomically: temp file, then rename).
+
+    Args:
+        net: one supernet (its profile is the one its sub-networks name), or profile name -> supernet, the
+            first profile first; every profile has the same architecture.
+        dtype: how the weights are stored (float32, or float16 at half the size).
+    """
+    nets = dict(net) if isinstance(net, Mapping) else {subnets[0].profile if subnets else DEFAULT_PROFILE: net}
+    profiles = list(nets)
     if len(subnets) != gate.config.num_subnets:
         raise ValueError(f"{len(subnets)} sub-networks but the gate scores {gate.config.num_subnets}")
+    first = nets[profiles[0]]
+    if any(other.config != first.config for other in nets.values()):
+        raise ValueError("every profile's supernet must have the same architecture")
     for subnet in subnets:
-        net.validate(subnet.widths)
-    tensors = {f"net.{k}": v.detach().to("cpu", dtype).contiguous() for k, v in net.state_dict().items()}
+        if subnet.profile not in nets:
+            raise ValueError(f"sub-network of profile {subnet.profile!r}, but the profiles are {profiles}")
+        first.validate(subnet.widths)
+    tensors = {}
+    for name, supernet in nets.items():
+        prefix = _prefix(profiles, name)
+        tensors |= {prefix + k: v.detach().to("cpu", dtype).contiguous() for k, v in supernet.state_dict().items()}
     tensors |= {f"gate.{k}": v.detach().to("cpu", dtype).contiguous() for k, v in gate.state_dict().items()}
     document = {
         "format": FORMAT,
         "version": VERSION,
-        "model": net.config.to_dict(),
+        "model": first.config.to_dict(),
+        "profiles": profiles,
         "gate": {"config": gate.config.to_dict(), "trained": gate_trained},
         "subnets": [s.to_dict() for s in subnets],
         "provenance": provenance or {},
@@ -208,15 +274,17 @@ def read_metadata(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: ddsnet metadata must be a JSON object, not {type(document).__name__}")
     if document.get("format") != FORMAT:
         raise CheckpointError(f"{path}: metadata format is {document.get('format')!r}, expected {FORMAT!r}")
-    if document.get("version") != VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {document.get('version')!r}, this ddsnet reads {VERSION}")
+    if document.get("version") not in READABLE_VERSIONS:
+        raise CheckpointError(f"{path}: checkpoint version {document.get('version')!r}, this ddsnet reads "
+                              f"{', '.join(map(str, READABLE_VERSIONS))}")
     return document
 
 
-def _check_shapes(path: Path, model_config: SupernetConfig, gate_config: GateConfig) -> None:
+def _check_shapes(path: Path, model_config: SupernetConfig, gate_config: GateConfig, profiles: list[str]) -> None:
     """Compare the shapes the configs imply (built on the ``meta`` device: no memory) with the file's."""
     with torch.device("meta"):
-        expected = {f"net.{k}": tuple(v.shape) for k, v in SlimUNet(model_config).state_dict().items()}
+        shapes = {k: tuple(v.shape) for k, v in SlimUNet(model_config).state_dict().items()}
+        expected = {_prefix(profiles, name) + k: shape for name in profiles for k, shape in shapes.items()}
         expected |= {f"gate.{k}": tuple(v.shape) for k, v in Gate(gate_config).state_dict().items()}
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -245,14 +313,16 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         gate_config = GateConfig.from_dict(document["gate"]["config"])
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: model config is invalid: {error}") from None
-    _check_shapes(path, model_config, gate_config)
+    profiles = profile_names(document)
+    _check_shapes(path, model_config, gate_config, profiles)
     try:
-        net = SlimUNet(model_config)
+        nets = {name: SlimUNet(model_config) for name in profiles}
+        net = nets[profiles[0]]
         gate = Gate(gate_config)
         subnets = [
             # "channels": the key of this table in checkpoints written by ddsnet before 0.2.
             Subnet(net.validate(row["widths"] if "widths" in row else row["channels"]), float(row["mflops_per_pixel"]),
-                   dict(row.get("val_psnr", {})))
+                   dict(row.get("val_psnr", {})), row.get("profile", profiles[0]))
             for row in document["subnets"]
         ]
     except (KeyError, TypeError, ValueError) as error:
@@ -271,9 +341,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"{path}: tensor {name} holds NaN or infinite values")
 
-    for prefix, module in (("net.", net), ("gate.", gate)):  # names and shapes were checked by _check_shapes
+    modules = [(_prefix(profiles, name), module) for name, module in nets.items()] + [("gate.", gate)]
+    for prefix, module in modules:  # names and shapes were checked by _check_shapes
         module.load_state_dict({k[len(prefix) :]: v.float() for k, v in tensors.items() if k.startswith(prefix)})
-    net.to(device).eval()
-    gate.to(device).eval()
+        module.to(device).eval()
     return Checkpoint(net, gate, subnets, bool(document["gate"].get("trained", False)), document.get("provenance", {}),
-                      document["tensors_sha256"])
+                      document["tensors_sha256"], nets)

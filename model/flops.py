@@ -7,7 +7,7 @@ User-facing figures are FLOPs = 2 x MACs.
 
 from __future__ import annotations
 
-from model.gate import GateConfig
+from model.gate import NUM_STATS, GateConfig
 from model.supernet import LayerSpec, SlimUNet, WidthConfig
 
 
@@ -45,5 +45,10 @@ def gate_macs(config: GateConfig, height: int, width: int) -> int:
     macs = 16 * config.in_channels * f1 * (height // 4) * (width // 4)
     macs += 9 * f1 * f2 * (height // 8) * (width // 8)
     macs += 9 * f2 * f3 * (height // 16) * (width // 16)
-    macs += 2 * f3 * config.hidden + config.hidden * config.num_subnets
+    if config.noise_stats:
+        # Luma (3), the 3x3 mean (9), the residual's energy and four lagged products (5), two steps (2) per
+        # pixel: counted as MACs although most are adds.
+        macs += 19 * height * width
+    fc_inputs = 2 * f3 + (NUM_STATS if config.noise_stats else 0)
+    macs += fc_inputs * config.hidden + config.hidden * config.num_subnets
     return macs

@@ -15,13 +15,16 @@ class GateConfig:
 
     The first conv is a stride-4 patchify at full resolution, so the gate still sees the noise
     (a downscaled image would have averaged it away); two stride-2 convs follow, then global mean and
-    max pooling and a two-layer MLP over the K sub-networks.
+    max pooling and a two-layer MLP over the K sub-networks. With ``noise_stats``, the MLP also reads
+    :func:`noise_statistics`: the noise's level, its correlation between neighbouring pixels, and the
+    8-pixel block grid that JPEG leaves, at whatever offset, which a stride-4 patchify cannot see.
     """
 
     in_channels: int = 3
     num_subnets: int = 4
     features: tuple[int, int, int] = (16, 32, 32)
     hidden: int = 32
+    noise_stats: bool = False
 
     @classmethod
     def from_dict(cls, raw: dict) -> GateConfig:
@@ -46,7 +49,7 @@ class Gate(nn.Module):
         self.conv1 = nn.Conv2d(config.in_channels, f1, 4, stride=4)
         self.conv2 = nn.Conv2d(f1, f2, 3, stride=2, padding=1)
         self.conv3 = nn.Conv2d(f2, f3, 3, stride=2, padding=1)
-        self.fc1 = nn.Linear(2 * f3, config.hidden)
+        self.fc1 = nn.Linear(2 * f3 + (NUM_STATS if config.noise_stats else 0), config.hidden)
         self.fc2 = nn.Linear(config.hidden, config.num_subnets)
 
     def forward(self, noisy: torch.Tensor) -> torch.Tensor:
@@ -55,8 +58,65 @@ class Gate(nn.Module):
         x = torch.relu(self.conv1(noisy - 0.5))
         x = torch.relu(self.conv2(x))
         x = torch.relu(self.conv3(x))
-        pooled = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
-        return self.fc2(torch.relu(self.fc1(pooled)))
+        pooled = [x.mean(dim=(2, 3)), x.amax(dim=(2, 3))]
+        if self.config.noise_stats:
+            pooled.append(noise_statistics(noisy))
+        return self.fc2(torch.relu(self.fc1(torch.cat(pooled, dim=1))))
+
+
+NUM_STATS = 7
+BLOCK = 8  # JPEG's block side
+STATS_PATCH = 16  # statistics are taken over the flattest of these patches, where noise outweighs texture
+FLAT_SHARE = 0.3
+
+
+def noise_statistics(noisy: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, H, W)`` in [0, 1] to ``(B, 7)`` statistics of its noise, on the luma's flattest patches:
+
+    - the log energy of the high-pass residual (the image minus its 3x3 mean), scaled by 1/10;
+    - the residual's correlation with itself one and two pixels across and down: white noise has almost
+      none, JPEG-compressed and downscaled noise a lot;
+    - the block grid's strength across and down: the mean step between neighbouring pixels at the strongest
+      of the 8 column (row) phases, over the median phase, minus 1. JPEG's block edges raise one phase; the
+      maximum over phases finds the grid wherever it starts (a crop or a second JPEG moves it).
+
+    Texture would swamp all of these, so each is a mean over the ``FLAT_SHARE`` of 16x16 patches whose
+    residual energy is lowest. Images smaller than a patch give zeros.
+    """
+    batch = noisy.shape[0]
+    luma = noisy.mean(dim=1, keepdim=True)
+    height, width = (side - side % STATS_PATCH for side in luma.shape[-2:])
+    if height == 0 or width == 0:
+        return noisy.new_zeros(batch, NUM_STATS)
+    luma = luma[..., :height, :width]
+    residual = luma - F.avg_pool2d(F.pad(luma, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    patch_energy = F.avg_pool2d(residual.square(), STATS_PATCH).flatten(1)  # (B, patches)
+    threshold = patch_energy.quantile(FLAT_SHARE, dim=1, keepdim=True)
+    flat = (patch_energy <= threshold).float()
+    weights = flat / flat.sum(dim=1, keepdim=True)
+    mask = F.interpolate(flat.view(batch, 1, height // STATS_PATCH, width // STATS_PATCH), scale_factor=STATS_PATCH)
+
+    def flat_mean(values: torch.Tensor) -> torch.Tensor:
+        """The mean of a ``(B, 1, h, w)`` map over the flat patches (``h``, ``w`` up to one pixel short)."""
+        padded = F.pad(values, (0, width - values.shape[-1], 0, height - values.shape[-2]))
+        return (F.avg_pool2d(padded, STATS_PATCH).flatten(1) * weights).sum(dim=1)
+
+    energy = flat_mean(residual.square()).clamp_min(1e-10)
+    stats = [energy.log() / 10]
+    for lag in (1, 2):
+        stats.append(flat_mean(residual[..., :, lag:] * residual[..., :, :-lag]) / energy)
+        stats.append(flat_mean(residual[..., lag:, :] * residual[..., :-lag, :]) / energy)
+    across = (luma[..., :, 1:] - luma[..., :, :-1]).abs() * mask[..., :, 1:]
+    down = (luma[..., 1:, :] - luma[..., :-1, :]).abs() * mask[..., 1:, :]
+    for steps, weight in ((across.sum(dim=2), mask[..., :, 1:].sum(dim=2)),
+                          (down.sum(dim=3), mask[..., 1:, :].sum(dim=3))):
+        steps, weight = steps.flatten(1), weight.flatten(1)  # (B, W - 1) or (B, H - 1)
+        usable = steps.shape[1] - steps.shape[1] % BLOCK
+        steps = steps[:, :usable].reshape(batch, -1, BLOCK).sum(dim=1)
+        weight = weight[:, :usable].reshape(batch, -1, BLOCK).sum(dim=1).clamp_min(1)
+        phases = steps / weight  # (B, 8): the mean step at each phase of the grid
+        stats.append(phases.amax(dim=1) / phases.median(dim=1).values.clamp_min(1e-6) - 1)
+    return torch.stack(stats, dim=1)
 
 
 def pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:

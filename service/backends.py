@@ -1,7 +1,7 @@
-"""Compiled engines: one per sub-network, built at load time from ``SlimUNet.export(widths)``.
+"""Compiled runtimes: one per sub-network, built at load time from ``SlimUNet.export(widths)``.
 
-An engine maps ``(B, 3, h, w)`` float32 windows on the CPU (or on the model's device, for torch) to denoised
-windows clamped to [0, 1]. Every engine handles any window the tiler makes: B up to the batch bound, and h, w
+A runtime maps ``(B, 3, h, w)`` float32 windows on the CPU (or on the model's device, for torch) to denoised
+windows clamped to [0, 1]. Every runtime handles any window the tiler makes: B up to the batch bound, and h, w
 multiples of the network's size multiple up to ``tile + 2 * margin`` (whole images up to the tile run as one
 window of that bound at most).
 
@@ -15,7 +15,7 @@ Backends:
   ``serve`` extra).
 
 ``auto`` times every backend installed for the device on one window per sub-network and keeps the fastest.
-CLI and service build their engines here, so their outputs stay identical.
+CLI and service build their runtimes here and hand them to ``Denoiser``, so their outputs stay identical.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def candidates(device: torch.device) -> list[str]:
 
 
 @dataclass
-class SubnetEngine:
+class Runtime:
     """A compiled sub-network. ``run`` takes and returns ``(B, 3, h, w)`` float32 tensors."""
 
     backend: str
@@ -95,7 +95,7 @@ class SubnetEngine:
 
 @dataclass(frozen=True)
 class ShapeBound:
-    """The windows an engine must handle: batch ``1..max_batch``; sides ``multiple..max_side`` in steps of
+    """The windows a runtime must handle: batch ``1..max_batch``; sides ``multiple..max_side`` in steps of
     ``multiple``."""
 
     max_batch: int
@@ -110,7 +110,7 @@ def shape_bound(denoiser: Denoiser, max_batch: int) -> ShapeBound:
 
 
 def _static(denoiser: Denoiser, index: int) -> nn.Module:
-    static = denoiser.net.export(denoiser.subnets[index].widths).eval()
+    static = denoiser.network(index).export(denoiser.subnets[index].widths).eval()
     for parameter in static.parameters():
         parameter.requires_grad_(False)
     return static
@@ -144,7 +144,7 @@ def half_precision_loss_db(static: nn.Module, device: torch.device, dtype: torch
     return full - reduced
 
 
-def _torch_engine(static: nn.Module, device: torch.device, bound: ShapeBound) -> SubnetEngine:
+def _torch_runtime(static: nn.Module, device: torch.device, bound: ShapeBound) -> Runtime:
     started = time.perf_counter()
     static = static.to(device)
     dtype = torch.float32
@@ -158,7 +158,7 @@ def _torch_engine(static: nn.Module, device: torch.device, bound: ShapeBound) ->
         return static(windows).float().clamp_(0, 1)
 
     run(_example(bound, device))
-    return SubnetEngine("torch", run, time.perf_counter() - started, str(dtype).removeprefix("torch."))
+    return Runtime("torch", run, time.perf_counter() - started, str(dtype).removeprefix("torch."))
 
 
 def _onnx_bytes(static: nn.Module, bound: ShapeBound) -> bytes:
@@ -173,7 +173,7 @@ def _onnx_bytes(static: nn.Module, bound: ShapeBound) -> bytes:
     return buffer.getvalue()
 
 
-def _onnxruntime_engine(static: nn.Module, bound: ShapeBound, threads: int) -> SubnetEngine:
+def _onnxruntime_runtime(static: nn.Module, bound: ShapeBound, threads: int) -> Runtime:
     import onnxruntime
 
     started = time.perf_counter()
@@ -188,10 +188,10 @@ def _onnxruntime_engine(static: nn.Module, bound: ShapeBound, threads: int) -> S
         return torch.from_numpy(session.run(None, {"noisy": array})[0]).clamp_(0, 1)
 
     run(_example(bound))
-    return SubnetEngine("onnxruntime", run, time.perf_counter() - started)
+    return Runtime("onnxruntime", run, time.perf_counter() - started)
 
 
-def _openvino_engine(static: nn.Module, bound: ShapeBound, threads: int) -> SubnetEngine:
+def _openvino_runtime(static: nn.Module, bound: ShapeBound, threads: int) -> Runtime:
     import openvino
 
     started = time.perf_counter()
@@ -202,7 +202,7 @@ def _openvino_engine(static: nn.Module, bound: ShapeBound, threads: int) -> Subn
     converted.reshape({converted.input(0): openvino.PartialShape(
         [openvino.Dimension(1, bound.max_batch), 3, sides, sides])})
     # f32: on CPUs with bf16 units OpenVINO would otherwise run in bf16, far outside the 1e-4 that the tests hold
-    # every engine to.
+    # every runtime to.
     compiled = openvino.Core().compile_model(converted, "CPU", {
         "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"})
     request = compiled.create_infer_request()
@@ -217,11 +217,11 @@ def _openvino_engine(static: nn.Module, bound: ShapeBound, threads: int) -> Subn
             return torch.from_numpy(request.infer({0: array})[output].copy()).clamp_(0, 1)
 
     run(_example(bound))
-    return SubnetEngine("openvino", run, time.perf_counter() - started)
+    return Runtime("openvino", run, time.perf_counter() - started)
 
 
-def build_engine(denoiser: Denoiser, index: int, backend: str, bound: ShapeBound,
-                 threads: int | None = None) -> SubnetEngine:
+def build_runtime(denoiser: Denoiser, index: int, backend: str, bound: ShapeBound,
+                  threads: int | None = None) -> Runtime:
     """Compile sub-network ``index`` with ``backend`` (one of :data:`BACKENDS`).
 
     Raises:
@@ -229,38 +229,38 @@ def build_engine(denoiser: Denoiser, index: int, backend: str, bound: ShapeBound
     """
     device = denoiser.device
     if backend == "auto":
-        raise BackendUnavailable("build_engine needs one backend; EngineSet chooses for 'auto'")
+        raise BackendUnavailable("build_runtime needs one backend; Runtimes chooses for 'auto'")
     check_available(backend, device)
     threads = threads or torch.get_num_threads()
     static = _static(denoiser, index)
     if backend == "torch":
-        return _torch_engine(static, device, bound)
+        return _torch_runtime(static, device, bound)
     if backend == "onnxruntime":
-        return _onnxruntime_engine(static, bound, threads)
-    return _openvino_engine(static, bound, threads)
+        return _onnxruntime_runtime(static, bound, threads)
+    return _openvino_runtime(static, bound, threads)
 
 
-def time_engine(engine: SubnetEngine, side: int = PROBE_SIDE, repeats: int = 3, batch: int = 1) -> float:
+def time_runtime(runtime: Runtime, side: int = PROBE_SIDE, repeats: int = 3, batch: int = 1) -> float:
     """Median seconds of ``repeats`` runs on a ``(batch, 3, side, side)`` window, after one untimed run."""
     window = torch.rand(batch, 3, side, side, generator=torch.Generator().manual_seed(1))
-    engine(window)
+    runtime(window)
     runs = []
     for _ in range(repeats):
         started = time.perf_counter()
-        engine(window)
+        runtime(window)
         runs.append(time.perf_counter() - started)
     return statistics.median(runs)
 
 
-class EngineSet(Mapping[int, SubnetEngine]):
-    """The engines in use, one per sub-network, built on first use (or all at once by :meth:`build_all`), and
+class Runtimes(Mapping[int, Runtime]):
+    """The runtimes in use, one per sub-network, built on first use (or all at once by :meth:`build_all`), and
     how each was chosen. Safe to use from several threads.
 
     Args:
         denoiser: the loaded model, on its device.
         backend: ``auto`` (time every installed candidate per sub-network and keep the fastest) or one of
             :data:`BACKENDS`.
-        max_batch: the most windows an engine will be given at once.
+        max_batch: the most windows a runtime will be given at once.
         threads: intra-op threads (default: torch's, which is the cores).
 
     Raises:
@@ -276,7 +276,7 @@ class EngineSet(Mapping[int, SubnetEngine]):
         self.threads = threads
         self.names = candidates(denoiser.device) if backend == "auto" else [backend]
         self.probe_seconds: dict[int, dict[str, float]] = {}
-        self._engines: dict[int, SubnetEngine] = {}
+        self._built: dict[int, Runtime] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -285,35 +285,35 @@ class EngineSet(Mapping[int, SubnetEngine]):
     def __iter__(self) -> Iterator[int]:
         return iter(range(len(self)))
 
-    def __getitem__(self, index: int) -> SubnetEngine:
-        engine = self._engines.get(index)
-        if engine is None:
+    def __getitem__(self, index: int) -> Runtime:
+        runtime = self._built.get(index)
+        if runtime is None:
             if not 0 <= index < len(self):
                 raise KeyError(index)
             with self._lock:
-                engine = self._engines.get(index) or self._build(index)
-                self._engines[index] = engine
-        return engine
+                runtime = self._built.get(index) or self._build(index)
+                self._built[index] = runtime
+        return runtime
 
-    def _build(self, index: int) -> SubnetEngine:
+    def _build(self, index: int) -> Runtime:
         """One backend: build it. ``auto``: build every candidate, time each, keep the fastest."""
         if len(self.names) == 1:
-            return build_engine(self.denoiser, index, self.names[0], self.bound, self.threads)
+            return build_runtime(self.denoiser, index, self.names[0], self.bound, self.threads)
         built = {}
         for name in self.names:
             try:
-                built[name] = build_engine(self.denoiser, index, name, self.bound, self.threads)
+                built[name] = build_runtime(self.denoiser, index, name, self.bound, self.threads)
             except Exception as error:  # noqa: BLE001 - a runtime that fails to compile is one candidate fewer
                 log.warning("backend %s could not build sub-network %d: %s", name, index, error)
         side = min(PROBE_SIDE, self.bound.max_side)
-        self.probe_seconds[index] = {name: time_engine(engine, side) for name, engine in built.items()}
+        self.probe_seconds[index] = {name: time_runtime(runtime, side) for name, runtime in built.items()}
         chosen = built[min(self.probe_seconds[index], key=self.probe_seconds[index].__getitem__)]
         log.info("sub-network %d runs on %s (%s)", index, chosen.backend, ", ".join(
             f"{name} {1000 * seconds:.1f} ms" for name, seconds in self.probe_seconds[index].items()))
         return chosen
 
     def build_all(self) -> None:
-        """Build every sub-network's engine now."""
+        """Build every sub-network's runtime now."""
         for index in self:
             self[index]
 
@@ -323,23 +323,14 @@ class EngineSet(Mapping[int, SubnetEngine]):
             "requested": self.requested,
             "candidates": self.names,
             "subnets": [
-                {"subnet": index, "backend": engine.backend, "precision": engine.precision,
-                 "build_seconds": round(engine.build_seconds, 2),
+                {"subnet": index, "backend": runtime.backend, "precision": runtime.precision,
+                 "build_seconds": round(runtime.build_seconds, 2),
                  **({"probe_ms": {name: round(1000 * s, 2) for name, s in self.probe_seconds[index].items()}}
                     if index in self.probe_seconds else {})}
-                for index, engine in sorted(dict(self._engines).items())  # a copy: the worker may be building
+                for index, runtime in sorted(dict(self._built).items())  # a copy: the worker may be building
             ],
         }
 
 
-def use_backend(denoiser: Denoiser, backend: str = "auto", max_batch: int = 4,
-                threads: int | None = None) -> EngineSet:
-    """Give ``denoiser`` an :class:`EngineSet` for ``backend``; engines build on first use."""
-    engines = EngineSet(denoiser, backend, max_batch, threads)
-    denoiser.use_engines(engines)
-    return engines
-
-
-__all__ = ["BACKENDS", "CHOICES", "BackendUnavailable", "EngineSet", "ShapeBound", "SubnetEngine", "build_engine",
-           "candidates", "check_available", "half_precision_loss_db", "installed", "shape_bound", "time_engine",
-           "use_backend"]
+__all__ = ["BACKENDS", "CHOICES", "BackendUnavailable", "Runtime", "Runtimes", "ShapeBound", "build_runtime",
+           "candidates", "check_available", "half_precision_loss_db", "installed", "shape_bound", "time_runtime"]

@@ -56,19 +56,23 @@ def _output_paths(inputs: list[str], output: str | None) -> list[Path]:
 
 
 def run_denoise(args: argparse.Namespace) -> int:
-    from service.backends import use_backend
+    from model import Noise, Quality
+    from service.backends import Runtimes
     from service.imaging import ImageError, decode_image, encode_image
+    from service.settings import Settings
 
     targets = _output_paths(args.inputs, args.output)
     denoiser = load_denoiser(args.checkpoint, tile=args.tile)
-    # The service's engines: the same backend gives the same output as `ddsnet serve`. Built on first use.
-    use_backend(denoiser, args.backend, max_batch=1)
+    # The service's runtimes: the same backend gives the same output as `ddsnet serve`. Built on first use.
+    runtimes = Runtimes(denoiser, args.backend or Settings().backend, max_batch=1)
+    quality, noise = Quality(args.quality), Noise(args.noise)
+    denoiser.check_noise(noise)  # a profile the checkpoint lacks: one error line, before any image
     failures = 0
     for source, target in zip(args.inputs, targets):
         started = time.perf_counter()
         try:
             decoded = decode_image(Path(source).read_bytes())
-            result = denoiser.denoise(decoded.rgb, args.quality)
+            result = denoiser.denoise(decoded.rgb, quality, runtimes, noise, decoded.jpeg_quality)
             encoded = encode_image(result.denoised, decoded, target.suffix.lstrip(".") or "png")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(encoded)
@@ -84,6 +88,7 @@ def run_denoise(args: argparse.Namespace) -> int:
                 "input": source,
                 "output": str(target),
                 "subnet": result.subnet,
+                "profile": result.profile,
                 "quality": args.quality,
                 "width": width,
                 "height": height,
@@ -93,7 +98,7 @@ def run_denoise(args: argparse.Namespace) -> int:
             }
             print(json.dumps(record), flush=True)
         else:
-            cost = f"sub-network {result.subnet}, {result.flops / 1e9:.1f} GFLOPs, {seconds:.2f} s"
+            cost = f"sub-network {result.subnet} ({result.profile}), {result.flops / 1e9:.1f} GFLOPs, {seconds:.2f} s"
             print(f"{source} -> {target} ({cost})")
     return 1 if failures else 0
 
@@ -108,13 +113,14 @@ def run_info(args: argparse.Namespace) -> int:
     # Validation noises in table order: AWGN sigmas ("15", ...), then named degradations ("jpeg80-awgn15", ...).
     noises = list(dict.fromkeys(key for row in summary["subnets"] for key in row["val_psnr"]))
     columns = [f"PSNR@{key:>3}" for key in noises]
-    header = f"{'#':>2}  {'MFLOPs/px':>10}  {'% of best':>9}  " + "  ".join(columns)
+    header = f"{'#':>2}  {'profile':<10}  {'MFLOPs/px':>10}  {'% of best':>9}  " + "  ".join(columns)
     print(header)
     best = max(row["mflops_per_pixel"] for row in summary["subnets"])
     for index, row in enumerate(summary["subnets"]):
         psnrs = "  ".join(f"{row['val_psnr'].get(key, float('nan')):{len(column)}.2f}"
                           for key, column in zip(noises, columns))
-        print(f"{index:>2}  {row['mflops_per_pixel']:10.4f}  {100 * row['mflops_per_pixel'] / best:8.1f}%  {psnrs}")
+        print(f"{index:>2}  {row['profile']:<10}  {row['mflops_per_pixel']:10.4f}  "
+              f"{100 * row['mflops_per_pixel'] / best:8.1f}%  {psnrs}")
         print(f"    widths: {row['widths']}")
     return 0
 
@@ -126,7 +132,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from model import Quality
+    from model import Noise, Quality
     from service.backends import CHOICES as BACKEND_CHOICES
 
     parser = argparse.ArgumentParser(prog="ddsnet", description="Dynamic slimmable image denoising.")
@@ -137,11 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     denoise.add_argument("-o", "--output", help="output file (one input) or folder (several inputs)")
     denoise.add_argument("--quality", choices=[q.value for q in Quality], default="auto",
                          help="auto: the gate picks; fast: slimmest; best: widest (default: auto)")
+    denoise.add_argument("--noise", choices=[n.value for n in Noise], default="auto",
+                         help="which profile's weights: auto (a JPEG file's header, else the gate, decides), white "
+                              "(sensor or added noise) or compressed (JPEG-compressed or correlated noise)")
     denoise.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     denoise.add_argument("--json", action="store_true", help="print one JSON object per image")
     denoise.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile core side in pixels (multiple of 8)")
-    denoise.add_argument("--backend", choices=BACKEND_CHOICES, default=os.environ.get("DDSNET_BACKEND", "auto"),
-                         help=BACKEND_HELP)
+    denoise.add_argument("--backend", choices=BACKEND_CHOICES, default=None, help=BACKEND_HELP)
     denoise.set_defaults(handler=run_denoise)
 
     info = commands.add_parser("info", help="print the sub-network table of a checkpoint")

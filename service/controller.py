@@ -1,7 +1,7 @@
 """The load controller: under load, ``quality=auto`` gives up width to keep latency, instead of queueing.
 
 A slimmable network's width is a dial that other serving systems do not have; they can only queue or refuse.
-The controller turns it. It learns each sub-network's speed from the batches the engine runs (an EWMA of
+The controller turns it. It learns each sub-network's speed from the batches the scheduler runs (an EWMA of
 seconds per window pixel), and for every ``auto`` request it estimates the wait: the work queued and running
 ahead of it, plus the request's own work at a given width. It keeps the gate's pick when that fits in the
 latency target, and otherwise the widest sub-network no wider than the pick that does, or the slimmest when
@@ -13,7 +13,7 @@ none does.
 * Hysteresis: once load has capped the width, the cap widens again only when the wider width fits in
   ``recover`` times the target, so that widths do not flap as the queue hovers around it.
 
-The controller holds no clock of its own beyond the ``clock`` it is given, and no threads: the engine calls it
+The controller holds no clock of its own beyond the ``clock`` it is given, and no threads: the scheduler calls it
 from the event loop.
 """
 
@@ -50,7 +50,7 @@ class LoadController:
     """
 
     def __init__(self, costs: Sequence[float], target_seconds: float, smoothing: float = 0.2, recover: float = 0.7,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, profiles: Sequence[str] | None = None) -> None:
         if target_seconds < 0:
             raise ValueError("the latency target must be >= 0 (0 turns the controller off)")
         if not 0 < smoothing <= 1 or not 0 < recover <= 1:
@@ -62,6 +62,8 @@ class LoadController:
         self.clock = clock
         # Widest first: the order in which the controller gives width up.
         self.by_width = sorted(range(len(self.costs)), key=lambda index: -self.costs[index])
+        # Each sub-network's profile: width is given up within a profile, never across.
+        self.profiles = list(profiles) if profiles is not None else [""] * len(self.costs)
         self.seconds_per_pixel: dict[int, float] = {}
         self.observed_at: dict[int, float] = {}
         self.cap = self.by_width[0]
@@ -116,21 +118,28 @@ class LoadController:
             self.cap = self.by_width[0]  # no load: nothing to give width up for
         if not self.enabled or not any(pixels_ahead.values()):
             return Decision(gate_subnet, gate_subnet, REASON_GATE, estimate(gate_subnet))
-        # The cap is the server's state: the widest width that keeps the target, widened again only with room.
-        fit = widest_within(self.target, self.by_width)
-        cap_rank, fit_rank = self.by_width.index(self.cap), self.by_width.index(fit)
+        # The cap is the server's state, a rank on the ladder of widths: the widest that keeps the target,
+        # widened again only with room. Each profile has its ladder; the cap's rank carries across them.
+        ladder = self.ladder(gate_subnet)
+        cap_rank = min(self.ladder(self.cap).index(self.cap), len(ladder) - 1)
+        fit_rank = ladder.index(widest_within(self.target, ladder))
         if fit_rank > cap_rank:
-            self.cap = fit
+            cap_rank = fit_rank
         elif fit_rank < cap_rank:
-            self.cap = widest_within(self.recover * self.target, self.by_width[fit_rank:cap_rank + 1])
-        ranks = [self.by_width.index(gate_subnet), self.by_width.index(self.cap)]
+            cap_rank = ladder.index(widest_within(self.recover * self.target, ladder[fit_rank:cap_rank + 1]))
+        self.cap = ladder[cap_rank]
+        ranks = [ladder.index(gate_subnet), cap_rank]
         if max_latency_seconds is not None:
-            ranks.append(self.by_width.index(widest_within(min(self.target, max_latency_seconds), self.by_width)))
-        chosen = self.by_width[max(ranks)]
+            ranks.append(ladder.index(widest_within(min(self.target, max_latency_seconds), ladder)))
+        chosen = ladder[max(ranks)]
         if chosen == gate_subnet:
             return Decision(chosen, gate_subnet, REASON_GATE, estimate(chosen))
         self.downgrades += 1
         return Decision(chosen, gate_subnet, REASON_LOAD, estimate(chosen))
+
+    def ladder(self, subnet: int) -> list[int]:
+        """The sub-networks of ``subnet``'s profile, widest first."""
+        return [index for index in self.by_width if self.profiles[index] == self.profiles[subnet]]
 
     def state(self, pixels_ahead: dict[int, int]) -> dict:
         """What ``GET /info`` shows."""

@@ -50,6 +50,7 @@ class DecodedImage:
     grey: bool
     bits: int  # 8 or 16
     alpha: Image.Image | None  # the untouched alpha band, if any
+    jpeg_quality: int | None = None  # a JPEG file's quality, estimated from its header; None for other formats
 
     @property
     def size(self) -> tuple[int, int]:
@@ -117,6 +118,7 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> DecodedImage:
         ImageError: empty, unsupported, corrupt/truncated, or over ``max_pixels``.
     """
     image = probe(data, max_pixels)
+    jpeg_quality = estimate_jpeg_quality(image)
     try:
         image.load()
         image = ImageOps.exif_transpose(image)
@@ -147,7 +149,30 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> DecodedImage:
         grey, bits = False, 8
     tensor = torch.from_numpy(np.ascontiguousarray(pixels))
     tensor = tensor.expand(3, *tensor.shape) if grey else tensor.permute(2, 0, 1)
-    return DecodedImage(tensor[None].contiguous().clamp_(0, 1), grey, bits, alpha)
+    return DecodedImage(tensor[None].contiguous().clamp_(0, 1), grey, bits, alpha, jpeg_quality)
+
+
+# The luminance quantisation table of the JPEG standard (Annex K) that libjpeg scales to every quality.
+STANDARD_LUMA_TABLE_SUM = sum((16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57,
+                               69, 56, 14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55,
+                               64, 81, 104, 113, 92, 49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100,
+                               103, 99))
+
+
+def estimate_jpeg_quality(image: Image.Image) -> int | None:
+    """The libjpeg quality (1-100) whose scaling of the standard table best matches a JPEG's luminance table,
+    read from its header without decoding; None for other formats or a JPEG without tables.
+
+    libjpeg quantises with ``standard * scale / 100``, where ``scale`` is ``5000 / quality`` below 50 and
+    ``200 - 2 * quality`` above; the ratio of the table sums gives ``scale`` back, whatever order the tables
+    are stored in. Encoders with tables of their own get the quality of the nearest libjpeg table.
+    """
+    tables = getattr(image, "quantization", None) if image.format in ("JPEG", "MPO") else None
+    if not tables or 0 not in tables or len(tables[0]) != 64:
+        return None
+    scale = 100 * sum(tables[0]) / STANDARD_LUMA_TABLE_SUM
+    quality = (200 - scale) / 2 if scale <= 100 else 5000 / scale
+    return int(min(100, max(1, round(quality))))
 
 
 def check_output_format(source: DecodedImage, output_format: str) -> str:

@@ -42,6 +42,9 @@ class Metrics:
                                      registry=r)
         self.selections = Counter("ddsnet_subnet_selections", "Sub-network chosen per request.",
                                   ["quality", "subnet"], registry=r)
+        self.profile_selections = Counter("ddsnet_profile_selections", "Profile chosen per request, and what "
+                                          "chose it (gate, jpeg_header or requested).", ["profile", "reason"],
+                                          registry=r)
         self.flops = Counter("ddsnet_flops", "FLOPs executed (network and gate).", ["subnet"], registry=r)
         self.flops_widest = Counter("ddsnet_flops_widest_equivalent",
                                     "FLOPs the widest sub-network would have spent on the same work.", registry=r)
@@ -51,7 +54,7 @@ class Metrics:
         self.rejections = Counter("ddsnet_rejections", "Requests refused, by reason.", ["reason"], registry=r)
         self.dropped_tiles = Counter("ddsnet_dropped_tiles", "Queued tiles dropped before running, by reason.",
                                      ["reason"], registry=r)
-        self.engine_backend = Gauge("ddsnet_engine_info", "1 per sub-network for the backend that runs it.",
+        self.runtime_backend = Gauge("ddsnet_engine_info", "1 per sub-network for the backend that runs it.",
                                     ["subnet", "backend", "precision"], registry=r)
         self.warmup_seconds = Gauge("ddsnet_warmup_seconds", "Seconds spent building and warming the engines.",
                                     registry=r)

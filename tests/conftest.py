@@ -41,3 +41,18 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
     save_checkpoint(path, net, gate, tiny_subnets(net), gate_trained=False, provenance={"made_by": "tests"})
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def two_profile_checkpoint(tmp_path_factory) -> str:
+    """A gated checkpoint with a white and a compressed profile (other random weights), three sub-networks
+    each, the weights stored in float16, and a gate that reads the noise statistics."""
+    white, compressed = randomize(SlimUNet(TINY)), randomize(SlimUNet(TINY), seed=5)
+    rows = tiny_subnets(white)
+    subnets = rows + [Subnet(s.widths, s.mflops_per_pixel, s.val_psnr, "compressed") for s in rows]
+    torch.manual_seed(2)
+    gate = Gate(GateConfig(num_subnets=6, noise_stats=True))
+    path = tmp_path_factory.mktemp("ckpt") / "two-profiles.safetensors"
+    save_checkpoint(path, {"white": white, "compressed": compressed}, gate, subnets, gate_trained=False,
+                    provenance={"made_by": "tests"}, dtype=torch.float16)
+    return str(path)

@@ -5,16 +5,18 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from pathlib import Path
 
 from model.checkpoint import DEFAULT_CHECKPOINT
-from training.degradations import EVAL_DEGRADATIONS, NON_AWGN
+from training.config import CONFIG_DIR
+from training.degradations import EVAL_DEGRADATIONS, EVAL_SIGMAS, NON_AWGN
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-RESUMABLE = {"supernet": "state.safetensors", "tailor": "finetune_state.safetensors"}  # the state each saves
+# The state each resumable stage saves in its out_dir.
+RESUMABLE = {"supernet": "state.safetensors", "tailor": "finetune_state.safetensors",
+             "profile": "finetune_state.safetensors"}
 STAGES = (
     ("supernet", "stage 1: sandwich-rule supernet training with in-place distillation"),
     ("tailor", "stage 2: greedy progressive channel tailoring into K sub-networks"),
+    ("profile", "a second set of weights (default: for compressed noise) fine-tuned from a tailored checkpoint"),
     ("gate", "stage 3: train the gate on online labels and write the final checkpoint"),
 )
 
@@ -30,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         stage_parser.add_argument("--config", help=f"YAML config file (default: {default})")
         stage_parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                                   help="override a config key")
+        stage_parser.add_argument("--print-config", action="store_true",
+                                  help="print the effective config (every key) as YAML and exit")
         if stage in RESUMABLE:
             stage_parser.add_argument("--resume", action="store_true",
                                       help=f"continue from out_dir/{RESUMABLE[stage]}")
@@ -47,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="measure PSNR, FLOPs and speed of every quality and sub-network")
     evaluate.add_argument("--images", default="skimage", help="a folder of clean images, or 'skimage'")
-    evaluate.add_argument("--sigma", type=float, nargs="+", default=[15.0, 25.0, 50.0], help="AWGN sigmas")
+    evaluate.add_argument("--sigma", type=float, nargs="+", default=list(EVAL_SIGMAS), help="AWGN sigmas")
     evaluate.add_argument("--degradations", nargs="*", default=list(NON_AWGN), choices=list(EVAL_DEGRADATIONS),
                           metavar="NAME", help=f"other noises, by name (default: {' '.join(NON_AWGN)}; "
                                                "none when given without names)")
@@ -61,20 +65,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from training.config import GateStage, SupernetStage, TailorStage, load_config, resume_config
+    from training.config import (
+        GateStage,
+        ProfileStage,
+        SupernetStage,
+        TailorStage,
+        config_yaml,
+        load_config,
+        resume_config,
+    )
 
     config_path = args.config or str(CONFIG_DIR / f"{args.stage}.yaml")
-    stage_config = {"supernet": SupernetStage, "tailor": TailorStage, "gate": GateStage}[args.stage]
+    stage_config = {"supernet": SupernetStage, "tailor": TailorStage, "profile": ProfileStage,
+                    "gate": GateStage}[args.stage]
     if getattr(args, "resume", False) and args.config is None:
         config, source = resume_config(stage_config, config_path, args.set)
         print(f"resuming with {source}" + (" and the --set overrides" if args.set else ""), file=sys.stderr)
     else:
         config = load_config(stage_config, config_path, args.set)
+    if args.print_config:
+        print(config_yaml(config), end="")
+        return 0
     if args.stage == "supernet":
         from training.supernet import train_supernet
 
         path = train_supernet(config, resume=args.resume)
-    elif args.stage == "tailor":
+    elif args.stage in ("tailor", "profile"):
         from training.tailor import tailor
 
         path = tailor(config, resume=args.resume)

@@ -1,10 +1,9 @@
-"""Pieces the three stages share: JSON-lines logs, evaluation on fixed validation pairs, the LR schedule, and
-the resumable training state (weights, Adam moments, noise RNG) of stage 1 and stage 2's fine-tune."""
+"""Pieces the stages share: JSON-lines logs, evaluation on fixed validation pairs, and the resumable training
+state (weights, Adam moments, noise RNG) of stage 1 and stage 2's fine-tune."""
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -29,13 +28,6 @@ class JsonLog:
         record = {"time": round(time.time(), 3), **record}
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
-
-
-def cosine_lr(step: int, total: int, peak: float, floor: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
 
 
 @torch.inference_mode()

@@ -146,6 +146,13 @@ def fixed_noisy_set(
     return pairs
 
 
+def validation_pairs(data, crop: int | None = None) -> list[tuple[str, float | str, torch.Tensor, torch.Tensor]]:
+    """The validation pairs of ``data`` (a ``DataConfig``): :func:`fixed_noisy_set` of ``val_dir`` at its
+    sigmas, seed, view scales and degradations; ``crop`` centre-crops every view (``None``: whole)."""
+    return fixed_noisy_set(data.val_dir, data.val_sigmas, data.val_seed, crop, scales=data.val_scales,
+                           degradations=data.val_degradations)
+
+
 def fixed_noise(clean: torch.Tensor, index: int, seed: int, sigmas: Sequence[float],
                 degradations: Sequence[str] = ()) -> list[tuple[float | str, torch.Tensor]]:
     """Reproducible noisy versions ``(key, noisy)`` of image number ``index``: AWGN at each of ``sigmas`` (key:

@@ -9,6 +9,9 @@ Five kinds, each applied to clean ``(B, 3, H, W)`` images in [0, 1] and ending i
   drawn from ``variant_sigma``.
 - ``jpeg``: AWGN of σ in ``jpeg_sigma``, then JPEG compression at a quality in ``jpeg_quality``, as a phone
   or an upload form would store it. The noise comes out spatially correlated and blocky.
+- ``poisson_jpeg``: ``poisson_gaussian``'s sensor noise, then JPEG as ``jpeg``: a phone's own photo.
+- For both JPEG kinds, ``jpeg_double`` of the draws are compressed a second time, at a second quality from
+  ``jpeg_quality``, on a block grid shifted by 1-7 pixels each way: a photo cropped and saved again.
 - ``downscale``: AWGN of σ in ``downscale_sigma`` on the image at ``1 / factor`` of its size, then an area
   downscale by ``factor`` (in ``downscale_factor``), as when a noisy photo is resized before it is sent.
   Downscaling is linear, so this equals adding the downscaled noise field to the clean image.
@@ -32,7 +35,8 @@ from PIL import Image
 
 from model.metrics import add_noise
 
-KINDS = ("awgn", "poisson_gaussian", "variant", "jpeg", "downscale")
+KINDS = ("awgn", "poisson_gaussian", "variant", "jpeg", "downscale", "poisson_jpeg")
+JPEG_BLOCK = 8  # the side of a JPEG block: a shifted grid moves by less than this
 
 
 @dataclass
@@ -47,6 +51,8 @@ class DegradationConfig:
     jpeg_quality: list[int] = field(default_factory=lambda: [60, 95])
     downscale_sigma: list[float] = field(default_factory=lambda: [5.0, 55.0])
     downscale_factor: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    # The share of JPEG draws (``jpeg``, ``poisson_jpeg``) compressed twice, the second time on a shifted grid.
+    jpeg_double: float = 0.0
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.mix) - set(KINDS))
@@ -60,6 +66,8 @@ class DegradationConfig:
             low, high = _range(self, name)
             if low < 0 or low > high:
                 raise ValueError(f"{name} must be [low, high] with 0 <= low <= high, got {getattr(self, name)}")
+        if not 0 <= self.jpeg_double <= 1:
+            raise ValueError(f"jpeg_double must be a share in [0, 1], got {self.jpeg_double}")
         if _range(self, "photons")[0] <= 0:
             raise ValueError("photons must be positive")
         if not 1 <= _range(self, "jpeg_quality")[0] <= _range(self, "jpeg_quality")[1] <= 100:
@@ -116,6 +124,24 @@ def jpeg(image: torch.Tensor, quality: int) -> torch.Tensor:
         return torch.from_numpy(np.asarray(decoded.convert("RGB")).copy()).permute(2, 0, 1).float() / 255
 
 
+def double_jpeg(image: torch.Tensor, first: int, second: int, shift: tuple[int, int]) -> torch.Tensor:
+    """``(3, H, W)`` through JPEG at quality ``first``, then the part below and right of ``shift`` = ``(dy, dx)``
+    through JPEG again at ``second``, so that its second block grid is offset from the first."""
+    once = jpeg(image, first)
+    dy, dx = shift
+    twice = once.clone()
+    twice[:, dy:, dx:] = jpeg(once[:, dy:, dx:], second)
+    return twice
+
+
+def _compress(image: torch.Tensor, params: dict) -> torch.Tensor:
+    """An 8-bit image through the JPEG of ``params``: ``quality``, and for a double JPEG ``requality`` and
+    ``shift``."""
+    if "requality" in params:
+        return double_jpeg(image, params["quality"], params["requality"], tuple(params["shift"]))
+    return jpeg(image, params["quality"])
+
+
 def downscaled_noise(clean: torch.Tensor, sigma: float, factor: float, generator: torch.Generator) -> torch.Tensor:
     """``clean`` (an already downscaled image) plus AWGN of σ ``sigma`` drawn at ``1 / factor`` of its size
     and area-downscaled with it."""
@@ -130,7 +156,8 @@ def apply(kind: str, clean: torch.Tensor, params: dict, generator: torch.Generat
     """One image ``(3, H, W)`` through one degradation with fixed ``params``; quantised to 8 bits.
 
     ``params`` per kind: awgn ``sigma``; poisson_gaussian ``photons``, ``read_sigma``; variant ``low``,
-    ``high``, ``angle``; jpeg ``sigma``, ``quality``; downscale ``sigma``, ``factor``.
+    ``high``, ``angle``; jpeg ``sigma``, ``quality``; downscale ``sigma``, ``factor``; poisson_jpeg
+    ``photons``, ``read_sigma``, ``quality``. A double JPEG adds ``requality`` and ``shift`` ``[dy, dx]``.
     """
     if kind == "awgn":
         return quantize(awgn(clean, params["sigma"], generator))
@@ -140,7 +167,9 @@ def apply(kind: str, clean: torch.Tensor, params: dict, generator: torch.Generat
         sigma = ramp(*clean.shape[-2:], params["low"], params["high"], params["angle"])
         return quantize(awgn(clean, sigma, generator))
     if kind == "jpeg":
-        return jpeg(quantize(awgn(clean, params["sigma"], generator)), params["quality"])
+        return _compress(quantize(awgn(clean, params["sigma"], generator)), params)
+    if kind == "poisson_jpeg":
+        return _compress(quantize(poisson_gaussian(clean, params["photons"], params["read_sigma"], generator)), params)
     if kind == "downscale":
         return quantize(downscaled_noise(clean, params["sigma"], params["factor"], generator))
     raise ValueError(f"unknown degradation {kind!r}; the kinds are {', '.join(KINDS)}")
@@ -155,20 +184,31 @@ def draw(config: DegradationConfig, sigma: tuple[float, float], rng: random.Rand
     def uniform(name: str) -> float:
         return rng.uniform(*_range(config, name))
 
+    def quality() -> int:
+        low, high = _range(config, "jpeg_quality")
+        return rng.randint(int(low), int(high))
+
+    def photons() -> float:  # photon counts spread over orders of magnitude: drawn log-uniformly
+        low, high = _range(config, "photons")
+        return math.exp(rng.uniform(math.log(low), math.log(high)))
+
     if kind == "awgn":
         return kind, {"sigma": rng.uniform(*sigma)}
     if kind == "poisson_gaussian":
-        # Photon counts spread over orders of magnitude: draw them log-uniformly.
-        low, high = _range(config, "photons")
-        return kind, {"photons": math.exp(rng.uniform(math.log(low), math.log(high))),
-                      "read_sigma": uniform("read_sigma")}
+        return kind, {"photons": photons(), "read_sigma": uniform("read_sigma")}
     if kind == "variant":
         return kind, {"low": uniform("variant_sigma"), "high": uniform("variant_sigma"),
                       "angle": rng.uniform(0, 2 * math.pi)}
+    if kind == "downscale":
+        return kind, {"sigma": uniform("downscale_sigma"), "factor": uniform("downscale_factor")}
     if kind == "jpeg":
-        low, high = _range(config, "jpeg_quality")
-        return kind, {"sigma": uniform("jpeg_sigma"), "quality": rng.randint(int(low), int(high))}
-    return kind, {"sigma": uniform("downscale_sigma"), "factor": uniform("downscale_factor")}
+        params = {"sigma": uniform("jpeg_sigma"), "quality": quality()}
+    else:
+        params = {"photons": photons(), "read_sigma": uniform("read_sigma"), "quality": quality()}
+    # Drawn only when asked for, so that a mix without double JPEG draws what it always drew.
+    if config.jpeg_double > 0 and rng.random() < config.jpeg_double:
+        params |= {"requality": quality(), "shift": [rng.randint(1, JPEG_BLOCK - 1), rng.randint(1, JPEG_BLOCK - 1)]}
+    return kind, params
 
 
 def degrade(clean: torch.Tensor, config: DegradationConfig, sigma: tuple[float, float], quantize_8bit: bool,
@@ -204,6 +244,9 @@ def blind_noisy(clean: torch.Tensor, sigma_min: float, sigma_max: float, quantiz
     return add_noise(clean, sigmas, generator, quantize_8bit), sigmas.flatten()
 
 
+# The AWGN levels (0-255 scale) that validation, the tables and the benchmarks measure.
+EVAL_SIGMAS = (15.0, 25.0, 50.0)
+
 # Fixed settings of each kind for validation and evaluation: name -> (kind, params).
 EVAL_DEGRADATIONS: dict[str, tuple[str, dict]] = {
     "awgn15": ("awgn", {"sigma": 15.0}),
@@ -212,6 +255,11 @@ EVAL_DEGRADATIONS: dict[str, tuple[str, dict]] = {
     "poisson40": ("poisson_gaussian", {"photons": 40.0, "read_sigma": 2.0}),
     "ramp5-40": ("variant", {"low": 5.0, "high": 40.0, "angle": 0.0}),
     "jpeg80-awgn15": ("jpeg", {"sigma": 15.0, "quality": 80}),
+    "jpeg30-awgn10": ("jpeg", {"sigma": 10.0, "quality": 30}),
+    "jpeg60-awgn10": ("jpeg", {"sigma": 10.0, "quality": 60}),
+    "jpeg95-awgn10": ("jpeg", {"sigma": 10.0, "quality": 95}),
+    "jpeg90x75-awgn10": ("jpeg", {"sigma": 10.0, "quality": 90, "requality": 75, "shift": [3, 5]}),
+    "poisson40-jpeg80": ("poisson_jpeg", {"photons": 40.0, "read_sigma": 2.0, "quality": 80}),
     "down0.7-awgn30": ("downscale", {"sigma": 30.0, "factor": 0.7}),
 }
 

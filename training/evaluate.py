@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -11,10 +10,11 @@ import numpy as np
 import torch
 
 from model.checkpoint import load_checkpoint
-from model.inference import Denoiser
+from model.inference import Denoiser, Quality
 from model.metrics import psnr
 from training.data import fixed_noise, list_images, load_rgb, pair_label
 from training.degradations import EVAL_DEGRADATIONS, noise_rms
+from training.provenance import machine
 
 # scikit-image's bundled colour photographs (no download needed); synthetic and medical images left out.
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
@@ -49,20 +49,16 @@ def noisy_pairs(images: str, sigmas: list[float], seed: int, degradations: tuple
             for key, noisy in fixed_noise(clean, index, seed, sigmas, degradations)]
 
 
-def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
-
-
 @torch.inference_mode()
-def measure_denoiser(denoiser: Denoiser, pairs: list) -> dict[str, dict[str, dict]]:
+def measure_denoiser(denoiser: Denoiser, pairs: list, jpeg_quality: int | None = None) -> dict[str, dict[str, dict]]:
     """Per noise and method (``auto``, ``fast``, ``best``, ``subnet_k``): PSNR, MFLOPs/pixel, images/s.
 
     Noises are labelled as :func:`training.data.pair_label` does (``"25"``, ``"jpeg80-awgn15"``); each
     also gets ``noisy`` (the input's PSNR and its noise RMS on the 0-255 scale).
 
     Every sub-network runs on every image once; ``auto`` is the gate's pick among those runs, its time the
-    gate's time plus that run's, and its FLOPs the gate's plus that run's.
+    gate's time plus that run's, and its FLOPs the gate's plus that run's. ``jpeg_quality`` is what a JPEG
+    file's header would say of the inputs (see ``Denoiser.select``): None for pixels sent losslessly.
     """
     rows: dict[str, dict[str, list]] = {}
     inputs: dict[str, dict[str, list]] = {}
@@ -78,13 +74,16 @@ def measure_denoiser(denoiser: Denoiser, pairs: list) -> dict[str, dict[str, dic
             denoised, macs = denoiser.run(noisy, index)
             runs.append((psnr(denoised, clean).item(), 2 * macs / pixels / 1e6, time.perf_counter() - started))
         started = time.perf_counter()
-        pick, gate_macs = denoiser.select(noisy, "auto")
+        chosen = denoiser.select(noisy, Quality.auto, jpeg_quality=jpeg_quality)
         gate_seconds = time.perf_counter() - started
+        pick = chosen.index
         psnr_auto, mflops_auto, seconds_auto = runs[pick]
         per_method = {f"subnet_{k}": run for k, run in enumerate(runs)}
-        per_method["best"] = runs[denoiser.best_index]
-        per_method["fast"] = runs[denoiser.fast_index]
-        per_method["auto"] = (psnr_auto, mflops_auto + 2 * gate_macs / pixels / 1e6, seconds_auto + gate_seconds)
+        # ``best`` and ``fast`` are the widest and slimmest of the profile chosen for the image.
+        per_method["best"] = runs[denoiser.best_of(chosen.profile)]
+        per_method["fast"] = runs[denoiser.fast_of(chosen.profile)]
+        gate_mflops = 2 * chosen.gate_macs / pixels / 1e6
+        per_method["auto"] = (psnr_auto, mflops_auto + gate_mflops, seconds_auto + gate_seconds)
         for method, (value, mflops, seconds) in per_method.items():
             row = rows.setdefault(sigma, {}).setdefault(method, {"psnr": [], "mflops": [], "seconds": []})
             row["psnr"].append(value)

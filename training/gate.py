@@ -11,79 +11,137 @@ drop, the budget's best PSNR ships.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import Checkpoint, Subnet, load_checkpoint, save_checkpoint
 from model.flops import gate_macs
 from model.gate import Gate, GateConfig
 from model.metrics import psnr
+from model.supernet import SlimUNet
 from model.tiling import denoise_whole
 from training.common import JsonLog
-from training.compute import Compute, next_batch, worker_batches
+from training.compute import Compute
 from training.config import CONFIG_FILE, GateStage, save_config
-from training.data import PatchSampler, fixed_noisy_set, pair_label, pair_scale
+from training.data import pair_label, pair_scale, validation_pairs
+from training.loop import Batches, Loop, cosine_lr, run_loop
 from training.provenance import data_digests, provenance, stage_record
 
 GATED_FILE = "ddsnet.safetensors"
+SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 REPORT_FILE = "report.json"
 
 
-def smallest_within(psnrs: torch.Tensor, mflops: torch.Tensor, delta: float) -> torch.Tensor:
-    """The label rule: per row, the cheapest sub-network whose PSNR >= the widest's PSNR - ``delta``.
+def smallest_within(psnrs: torch.Tensor, mflops: torch.Tensor, delta: float,
+                    widest: list[int] | None = None) -> torch.Tensor:
+    """The label rule: per row, the cheapest sub-network whose PSNR >= the best widest's PSNR - ``delta``.
 
     Args:
         psnrs: ``(B, K)`` PSNR of every sub-network on every sample.
-        mflops: ``(K,)`` cost of each sub-network; the most expensive one is "the widest".
+        mflops: ``(K,)`` cost of each sub-network.
         delta: tolerance in dB.
+        widest: the column of each profile's widest sub-network; the reference is the best of them on each
+            sample. Default: the most expensive column (one profile).
 
     Returns:
         ``(B,)`` int64 labels (indices into the K sub-networks).
     """
-    widest = int(mflops.argmax())
-    good = psnrs >= psnrs[:, widest : widest + 1] - delta
+    widest = [int(mflops.argmax())] if widest is None else widest
+    reference = psnrs[:, widest].amax(dim=1, keepdim=True)
+    good = psnrs >= reference - delta
     cost = torch.where(good, mflops.expand_as(psnrs), torch.full_like(psnrs, float("inf")))
     return cost.argmin(dim=1)
 
 
+@dataclass
+class Choices:
+    """What the gate chooses among: every (profile, width) sub-network, each profile's supernet."""
+
+    nets: dict[str, SlimUNet]
+    subnets: list[Subnet]
+
+    def __post_init__(self) -> None:
+        self.profiles = list(self.nets)
+        self.mflops = torch.tensor([s.mflops_per_pixel for s in self.subnets])
+        self.profile_of = torch.tensor([self.profiles.index(s.profile) for s in self.subnets])
+
+        def extreme(pick, name: str) -> int:
+            rows = [i for i, s in enumerate(self.subnets) if s.profile == name]
+            return pick(rows, key=lambda i: self.subnets[i].mflops_per_pixel)
+
+        self.widest = [extreme(max, name) for name in self.profiles]
+        self.slimmest = [extreme(min, name) for name in self.profiles]
+
+    def net(self, index: int) -> SlimUNet:
+        return self.nets[self.subnets[index].profile]
+
+
+def load_choices(config: GateStage) -> tuple[Choices, Checkpoint]:
+    """The tailored checkpoint's profiles and rows, then those of each of ``config.profiles`` (name -> a
+    profile stage's checkpoint, its rows relabelled with the name). Returns them and the last checkpoint
+    read, whose provenance the gated checkpoint continues."""
+    checkpoint = load_checkpoint(config.tailored)
+    nets, subnets = dict(checkpoint.nets), list(checkpoint.subnets)
+    last = checkpoint
+    for name, path in config.profiles.items():
+        if name in nets:
+            raise ValueError(f"profiles: {name!r} is already a profile of {config.tailored}")
+        last = load_checkpoint(path)
+        if last.net.config != checkpoint.net.config:
+            raise ValueError(f"profiles: {path} has another architecture than {config.tailored}")
+        nets[name] = last.net
+        subnets += [dataclasses.replace(s, profile=name) for s in last.subnets if s.profile == last.profiles[0]]
+    return Choices(nets, subnets), last
+
+
 @torch.inference_mode()
-def subnet_psnrs(net, subnets, noisy: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+def subnet_psnrs(choices: Choices, noisy: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
     """``(B, K)`` PSNR of each sub-network on a batch."""
-    return torch.stack([psnr(net(noisy, s.widths), clean) for s in subnets], dim=1)
+    return torch.stack([psnr(choices.net(i)(noisy, s.widths), clean) for i, s in enumerate(choices.subnets)], dim=1)
 
 
-def _validation_table(net, subnets, pairs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _validation_table(choices: Choices, pairs) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Per validation pair: PSNR of every sub-network ``(N, K)`` and the noisy inputs."""
     rows = []
-    device = next(net.parameters()).device
+    device = next(choices.net(0).parameters()).device
     for _, _, clean, noisy in tqdm(pairs, desc="gate (validation PSNRs)"):
         clean, on_device = clean.to(device), noisy.to(device)
-        rows.append(torch.stack([psnr(denoise_whole(net, on_device, s.widths), clean)[0] for s in subnets]).cpu())
+        rows.append(torch.stack([psnr(denoise_whole(choices.net(i), on_device, s.widths), clean)[0]
+                                 for i, s in enumerate(choices.subnets)]).cpu())
     return torch.stack(rows), [noisy for _, _, _, noisy in pairs]
 
 
-def _report(gate: Gate, table: torch.Tensor, noisies: list, mflops: torch.Tensor, delta: float, sigmas,
+def _report(gate: Gate, table: torch.Tensor, noisies: list, choices: Choices, delta: float, sigmas,
             scales) -> dict:
-    """Accuracy, confusion matrix, and auto/best/fast PSNR and FLOPs on the validation pairs, overall, per
-    noise (``sigmas``: labels such as ``"25"`` or ``"jpeg80-awgn15"``) and per view scale (labels)."""
+    """Accuracy, confusion matrices, and auto/best/fast PSNR and FLOPs on the validation pairs, overall, per
+    noise (``sigmas``: labels such as ``"25"`` or ``"jpeg80-awgn15"``) and per view scale (labels).
+
+    ``best`` and ``fast`` are each profile's widest and slimmest, the better profile on each pair; the profile
+    is right where the gate picks the profile whose widest does better.
+    """
     gate.eval()
     device = next(gate.parameters()).device
     with torch.inference_mode():
         picks = torch.tensor([int(gate(noisy.to(device)).argmax()) for noisy in noisies])
-    labels = smallest_within(table, mflops, delta)
+    mflops = choices.mflops
+    labels = smallest_within(table, mflops, delta, choices.widest)
     k = len(mflops)
     confusion = torch.zeros(k, k, dtype=torch.int64)
     for label, pick in zip(labels.tolist(), picks.tolist()):
         confusion[label, pick] += 1
     rows = torch.arange(len(picks))
     gate_mflops = [2 * gate_macs(gate.config, *n.shape[-2:]) / n.shape[-1] / n.shape[-2] / 1e6 for n in noisies]
-    best, fast = int(mflops.argmax()), int(mflops.argmin())
+    best_psnr = table[:, choices.widest].amax(dim=1)
+    fast_psnr = table[:, choices.slimmest].amax(dim=1)
+    right_profile = table[:, choices.widest].argmax(dim=1)
+    picked_profile = choices.profile_of[picks]
     auto_psnr = table[rows, picks]
 
     def breakdown(keys: list[str]) -> dict:
@@ -92,14 +150,17 @@ def _report(gate: Gate, table: torch.Tensor, noisies: list, mflops: torch.Tensor
             mask = torch.tensor([x == key for x in keys])
             groups[key] = {
                 "auto_psnr": round(auto_psnr[mask].mean().item(), 4),
-                "best_psnr": round(table[mask, best].mean().item(), 4),
-                "fast_psnr": round(table[mask, fast].mean().item(), 4),
+                "best_psnr": round(best_psnr[mask].mean().item(), 4),
+                "fast_psnr": round(fast_psnr[mask].mean().item(), 4),
                 "auto_mflops_per_pixel": round(mflops[picks[mask]].mean().item()
                                                + sum(gate_mflops) / len(gate_mflops), 6),
             }
+            if len(choices.profiles) > 1:
+                groups[key]["profile_accuracy"] = round((picked_profile[mask] == right_profile[mask]).float()
+                                                        .mean().item(), 4)
         return groups
 
-    return {
+    report = {
         "delta_db": delta,
         "accuracy": round((picks == labels).float().mean().item(), 4),
         "confusion_matrix_label_by_pick": confusion.tolist(),
@@ -107,13 +168,21 @@ def _report(gate: Gate, table: torch.Tensor, noisies: list, mflops: torch.Tensor
         "auto_mflops_per_pixel": round(mflops[picks].mean().item() + sum(gate_mflops) / len(gate_mflops), 6),
         "oracle_psnr": round(table[rows, labels].mean().item(), 4),
         "oracle_mflops_per_pixel": round(mflops[labels].mean().item(), 6),
-        "best_psnr": round(table[:, best].mean().item(), 4),
-        "best_mflops_per_pixel": round(mflops[best].item(), 6),
-        "fast_psnr": round(table[:, fast].mean().item(), 4),
-        "fast_mflops_per_pixel": round(mflops[fast].item(), 6),
+        "best_psnr": round(best_psnr.mean().item(), 4),
+        "best_mflops_per_pixel": round(mflops[choices.widest[0]].item(), 6),
+        "fast_psnr": round(fast_psnr.mean().item(), 4),
+        "fast_mflops_per_pixel": round(mflops[choices.slimmest[0]].item(), 6),
         "by_sigma": breakdown(list(sigmas)),
         "by_scale": breakdown(list(scales)),
     }
+    if len(choices.profiles) > 1:
+        profiles = torch.zeros(len(choices.profiles), len(choices.profiles), dtype=torch.int64)
+        for right, picked in zip(right_profile.tolist(), picked_profile.tolist()):
+            profiles[right, picked] += 1
+        report["profiles"] = choices.profiles
+        report["profile_accuracy"] = round((picked_profile == right_profile).float().mean().item(), 4)
+        report["profile_confusion_right_by_pick"] = profiles.tolist()
+    return report
 
 
 def choose_shipped(sweep: list[dict], delta_db: float | str, max_drop_db: float,
@@ -139,12 +208,8 @@ def choose_shipped(sweep: list[dict], delta_db: float | str, max_drop_db: float,
     return min(within, key=lambda r: (r["auto_mflops_per_pixel"], -r["auto_psnr"]))
 
 
-def train_gate(config: GateStage) -> Path:
-    """Run stage 3 on the tailored checkpoint.
-
-    Writes, in ``out_dir``: ``ddsnet.safetensors`` (the gated checkpoint), ``config.yaml`` (the effective
-    config), ``log.jsonl`` and ``report.json`` (every gate of the sweep on validation, and the one shipped).
-    """
+def check_settings(config: GateStage) -> None:
+    """Refuse gate settings out of range before anything is written."""
     if config.delta_db != "auto" and not isinstance(config.delta_db, int | float):
         raise ValueError(f"delta_db must be a number of dB or 'auto', not {config.delta_db!r}")
     if config.delta_db == "auto" and not config.delta_sweep:
@@ -152,80 +217,112 @@ def train_gate(config: GateStage) -> Path:
     fraction = config.auto_max_flops_fraction
     if fraction is not None and not (isinstance(fraction, int | float) and 0 < fraction <= 1):
         raise ValueError(f"auto_max_flops_fraction must be in (0, 1] of the widest's FLOPs, or null, not {fraction!r}")
-    out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, out_dir / CONFIG_FILE)
-    checkpoint = load_checkpoint(config.tailored)
-    data_sha256 = data_digests(config.data)
-    compute = Compute(config.compute)
-    net, subnets = compute.module(checkpoint.net), checkpoint.subnets
-    net.requires_grad_(False)
-    mflops = torch.tensor([s.mflops_per_pixel for s in subnets])
-    cost = mflops.to(compute.device)  # the labels' costs, next to the PSNRs they are chosen from
+    if config.save_dtype not in SAVE_DTYPES:
+        raise ValueError(f"save_dtype must be one of {', '.join(SAVE_DTYPES)}, not {config.save_dtype!r}")
+
+
+def train_gates(config: GateStage, choices: Choices, compute: Compute, log: JsonLog, started: float
+                ) -> dict[float, Gate]:
+    """One gate per delta of the sweep, trained together on the same online PSNRs of every sub-network.
+
+    The loss is the cross-entropy to the label (:func:`smallest_within`), plus ``cost_weight`` times the
+    expected relative FLOPs and ``regret_weight`` times the expected PSNR given up against the best widest
+    (in dB): the regret weighs each wrong choice by what it costs, so that sending JPEG noise to the white
+    profile (several dB) counts far more than a width too narrow (hundredths).
+    """
+    cost = choices.mflops.to(compute.device)  # the labels' costs, next to the PSNRs they are chosen from
     relative_cost = cost / cost.max()
     torch.manual_seed(config.seed)
     deltas = sorted(set(config.delta_sweep) | ({config.delta_db} if config.delta_db != "auto" else set()))
-    gate_config = GateConfig.from_dict({**config.gate, "num_subnets": len(subnets)})
+    gate_config = GateConfig.from_dict({**config.gate, "num_subnets": len(choices.subnets)})
     gates = {delta: compute.module(Gate(gate_config)) for delta in deltas}
     optimizers = {delta: torch.optim.Adam(g.parameters(), lr=config.lr) for delta, g in gates.items()}
-    sampler = PatchSampler(config.data.train_dir, seed=config.seed, scale_range=config.data.scale_range,
-                           texture_candidates=config.data.texture_candidates)
-    generator = torch.Generator().manual_seed(config.seed)
-    log = JsonLog(out_dir / "log.jsonl")
-    started = time.time()
-    batches = None
-    if config.compute.workers:
-        batches = worker_batches(config.data, config.seed, 1, config.steps + 1,
-                                 lambda _: (config.crop, config.batch_size), config.compute.workers,
-                                 pin_memory=compute.device.type == "cuda")
 
-    for step in tqdm(range(1, config.steps + 1), desc="gate", dynamic_ncols=True):
-        lr = config.lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / config.steps))
-        clean, noisy = next_batch(batches, sampler, config.data, generator, config.batch_size, config.crop, compute)
-        psnrs = subnet_psnrs(net, subnets, noisy, clean)
-        record = {"step": step, "lr": round(lr, 6)}
+    def train_step(clean: torch.Tensor, noisy: torch.Tensor) -> dict:
+        psnrs = subnet_psnrs(choices, noisy, clean)
+        regret = (psnrs[:, choices.widest].amax(dim=1, keepdim=True) - psnrs).clamp_min(0)
+        record = {}
         for delta, gate in gates.items():
-            labels = smallest_within(psnrs, cost, delta)
+            labels = smallest_within(psnrs, cost, delta, choices.widest)
             logits = gate(noisy)
             loss = F.cross_entropy(logits, labels)
             if config.cost_weight:
                 loss = loss + config.cost_weight * (logits.softmax(dim=1) @ relative_cost).mean()
-            for group in optimizers[delta].param_groups:
-                group["lr"] = lr
+            if config.regret_weight:
+                loss = loss + config.regret_weight * (logits.softmax(dim=1) * regret).sum(dim=1).mean()
             optimizers[delta].zero_grad(set_to_none=True)
             loss.backward()
             optimizers[delta].step()
             record[f"delta_{delta:g}"] = {
                 "loss": round(loss.item(), 5),
                 "accuracy": round((logits.argmax(dim=1) == labels).float().mean().item(), 4),
-                "label_histogram": torch.bincount(labels, minlength=len(subnets)).tolist(),
+                "label_histogram": torch.bincount(labels, minlength=len(choices.subnets)).tolist(),
             }
-        if step % config.log_every == 0 or step == config.steps:
-            log.write(**record, seconds=round(time.time() - started, 1))
+        return record
 
-    pairs = fixed_noisy_set(config.data.val_dir, config.data.val_sigmas, config.data.val_seed,
-                            scales=config.data.val_scales, degradations=config.data.val_degradations)
-    table, noisies = _validation_table(net, subnets, pairs)
+    loop = Loop("gate", config.steps, train_step, list(optimizers.values()),
+                lr=lambda at: cosine_lr(at, config.steps, config.lr), shape=lambda _: (config.crop, config.batch_size),
+                log=log, log_every=config.log_every)
+    run_loop(loop, Batches.for_run(config.data, config.seed, compute), started=started)
+    return gates
+
+
+def rounding_loss_db(choices: Choices, dtype: torch.dtype, pairs: list, table: torch.Tensor) -> float:
+    """The most PSNR any sub-network loses, on the mean over the validation pairs, when its weights are
+    rounded to ``dtype`` for storage (and computed in float32 again)."""
+    if dtype == torch.float32:
+        return 0.0
+    rounded = {}
+    for name, net in choices.nets.items():
+        copy = SlimUNet(net.config).to(next(net.parameters()).device).eval()
+        copy.load_state_dict({k: v.to(dtype).float() for k, v in net.state_dict().items()})
+        rounded[name] = copy
+    rounded_table, _ = _validation_table(Choices(rounded, choices.subnets), pairs)
+    return round(max(0.0, float((table.mean(dim=0) - rounded_table.mean(dim=0)).max())), 5)
+
+
+def train_gate(config: GateStage) -> Path:
+    """Run stage 3 on the tailored checkpoint (and the profiles of ``config.profiles``).
+
+    Writes, in ``out_dir``: ``ddsnet.safetensors`` (the gated checkpoint), ``config.yaml`` (the effective
+    config), ``log.jsonl`` and ``report.json`` (every gate of the sweep on validation, and the one shipped).
+    """
+    check_settings(config)
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, out_dir / CONFIG_FILE)
+    choices, source = load_choices(config)
+    data_sha256 = data_digests(config.data)
+    compute = Compute(config.compute)
+    for net in choices.nets.values():
+        compute.module(net).requires_grad_(False)
+    log = JsonLog(out_dir / "log.jsonl")
+    started = time.time()
+    gates = train_gates(config, choices, compute, log, started)
+
+    pairs = validation_pairs(config.data, config.val_crop or None)
+    table, noisies = _validation_table(choices, pairs)
     sigmas = [pair_label(key) for _, key, _, _ in pairs]
     scales = [f"{pair_scale(name):g}" for name, _, _, _ in pairs]
-    sweep = [_report(gate, table, noisies, mflops, delta, sigmas, scales) for delta, gate in gates.items()]
+    sweep = [_report(gate, table, noisies, choices, delta, sigmas, scales) for delta, gate in gates.items()]
     shipped = choose_shipped(sweep, config.delta_db, config.auto_max_drop_db, config.auto_max_flops_fraction)
     rule = f"delta_db={config.delta_db}"
     if config.delta_db == "auto":
         rule += f", auto_max_drop_db={config.auto_max_drop_db}"
         if config.auto_max_flops_fraction is not None:
             rule += f", auto_max_flops_fraction={config.auto_max_flops_fraction}"
+    dtype = SAVE_DTYPES[config.save_dtype]
     report = {"shipped": shipped, "shipped_rule": rule, "delta_sweep": sweep,
-              "subnets": [s.to_dict() for s in subnets]}
+              "subnets": [s.to_dict() for s in choices.subnets],
+              "rounding_loss_db": rounding_loss_db(choices, dtype, pairs, table)}
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
     log.write(report=shipped, seconds=round(time.time() - started, 1))
 
     record = stage_record(config, steps=config.steps, seconds=time.time() - started, data=data_sha256,
-                          source_sha256=checkpoint.tensors_sha256, delta_db=shipped["delta_db"],
-                          val_accuracy=shipped["accuracy"])
-    written = provenance(checkpoint.provenance, "gate", record, config.recipe)
-    dtype = {"float32": torch.float32, "float16": torch.float16}[config.save_dtype]
-    gate = gates[shipped["delta_db"]]
+                          source_sha256=source.tensors_sha256, delta_db=shipped["delta_db"],
+                          val_accuracy=shipped["accuracy"], profiles=choices.profiles)
+    written = provenance(source.provenance, "gate", record, config.recipe)
     path = out_dir / GATED_FILE
-    save_checkpoint(path, net, gate, subnets, gate_trained=True, provenance=written, dtype=dtype)
+    save_checkpoint(path, choices.nets, gates[shipped["delta_db"]], choices.subnets, gate_trained=True,
+                    provenance=written, dtype=dtype)
     return path

@@ -1,12 +1,15 @@
-"""``ddsnet-train pipeline``: the three stages in one command, from a profile, into one folder.
+"""``ddsnet-train pipeline``: every stage in one command, from a profile, into one folder.
 
 A profile (``training/recipes/gpu.yaml``, ``smoke.yaml``) is YAML with one section of ``--set``-style
-overrides per stage (``supernet``, ``tailor``, ``gate``, ``static``), applied on top of the committed stage
-configs, and ``photo_side``: when > 0, the photos are first copied downscaled to that long side (the smoke
-profile's small, fast photos). The stages write into ``OUT/supernet``, ``OUT/tailor`` and ``OUT/gate``; the
-gated checkpoint is ``OUT/gate/ddsnet.safetensors``, and ``OUT/summary.json`` records each stage's
-wall-clock time and the validation tables. With ``--static``, the static baselines of the tailored shapes
-are trained instead (into ``OUT/static``), on stage 1's budget each, from an earlier run's ``OUT/tailor``.
+overrides per stage (``supernet``, ``tailor``, ``profile``, ``gate``, ``static``), applied on top of the
+committed stage configs, and ``photo_side``: when > 0, the photos are first copied downscaled to that long
+side (the smoke profile's small, fast photos). The stages write into ``OUT/supernet``, ``OUT/tailor``,
+``OUT/profile`` and ``OUT/gate``. With a ``profile`` section, a second set of weights (the ``compressed``
+noise profile, ``training.config.ProfileStage``) is fine-tuned from the tailored checkpoint, and the gate
+chooses among both profiles' sub-networks. The gated checkpoint is ``OUT/gate/ddsnet.safetensors``, and
+``OUT/summary.json`` records each stage's wall-clock time and the validation tables. With ``--static``, the
+static baselines of the tailored shapes are trained instead (into ``OUT/static``), on stage 1's budget each,
+from an earlier run's ``OUT/tailor``.
 
 A stage-2 fine-tune that its ``max_minutes`` stops early is closed where it stopped: its table and
 checkpoint are written from the weights it reached, so a time budget never leaves a run without a
@@ -22,14 +25,14 @@ from pathlib import Path
 import yaml
 from PIL import Image, ImageOps
 
-from training.cli import CONFIG_DIR
 from training.common import read_state_meta
-from training.config import GateStage, StaticStage, SupernetStage, TailorStage, load_config
+from training.config import CONFIG_DIR, GateStage, ProfileStage, StaticStage, SupernetStage, TailorStage, load_config
 from training.data import list_images
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 PROFILES = ("gpu", "smoke")
-SECTIONS = ("supernet", "tailor", "gate", "static", "photo_side")
+STAGE_SECTIONS = ("supernet", "tailor", "profile", "gate", "static")
+SECTIONS = (*STAGE_SECTIONS, "photo_side")
 
 
 def read_profile(name_or_path: str) -> dict:
@@ -81,6 +84,19 @@ def photo_dirs(photos: Path, out_dir: Path, side: int) -> tuple[Path, Path]:
     return train, val
 
 
+def run_closed(stage_config: TailorStage) -> Path:
+    """Stage 2 (or a profile) run to its checkpoint: a fine-tune that its ``max_minutes`` stops early is closed
+    where it stopped, its table and checkpoint written from the weights it reached."""
+    from training.tailor import FINETUNE_STATE_FILE, tailor
+
+    written = tailor(stage_config)
+    if written.name == FINETUNE_STATE_FILE:
+        reached = int(read_state_meta(written)["step"])
+        stage_config.finetune_steps, stage_config.max_minutes = reached, 0.0
+        written = tailor(stage_config, resume=True)
+    return written
+
+
 def run_pipeline(profile_name: str, photos: str | Path, out_dir: str | Path, extra: list[str] | None = None,
                  static: bool = False) -> Path:
     """Run the three stages (or, with ``static``, the static baselines) of a profile.
@@ -98,7 +114,7 @@ def run_pipeline(profile_name: str, photos: str | Path, out_dir: str | Path, ext
     from training.gate import REPORT_FILE, train_gate
     from training.static import train_static
     from training.supernet import train_supernet
-    from training.tailor import FINETUNE_STATE_FILE, TAILORED_FILE, tailor
+    from training.tailor import TAILORED_FILE
 
     profile = read_profile(profile_name)
     out = Path(out_dir)
@@ -107,8 +123,8 @@ def run_pipeline(profile_name: str, photos: str | Path, out_dir: str | Path, ext
     extra_by_stage: dict[str, list[str]] = {}
     for item in extra or []:
         stage, _, rest = item.partition(".")
-        if stage not in ("supernet", "tailor", "gate", "static") or not rest:
-            raise ValueError(f"override {item!r} must start with supernet., tailor., gate. or static.")
+        if stage not in STAGE_SECTIONS or not rest:
+            raise ValueError(f"override {item!r} must start with one of {', '.join(s + '.' for s in STAGE_SECTIONS)}")
         extra_by_stage.setdefault(stage, []).append(rest)
 
     def config(cls, stage: str, *sets: str):
@@ -139,18 +155,13 @@ def run_pipeline(profile_name: str, photos: str | Path, out_dir: str | Path, ext
         return table
 
     supernet = timed("supernet", lambda: train_supernet(config(SupernetStage, "supernet")))
-    tailor_config = config(TailorStage, "tailor", f"supernet={supernet}")
-
-    def run_tailor() -> Path:
-        written = tailor(tailor_config)
-        if written.name == FINETUNE_STATE_FILE:  # stopped by max_minutes: close it where it is
-            reached = int(read_state_meta(written)["step"])
-            tailor_config.finetune_steps, tailor_config.max_minutes = reached, 0.0
-            written = tailor(tailor_config, resume=True)
-        return written
-
-    tailored = timed("tailor", run_tailor)
-    gated = timed("gate", lambda: train_gate(config(GateStage, "gate", f"tailored={tailored}")))
+    tailored = timed("tailor", lambda: run_closed(config(TailorStage, "tailor", f"supernet={supernet}")))
+    profiles = []
+    if "profile" in profile:
+        profile_config = config(ProfileStage, "profile", f"supernet={tailored}")
+        written = timed("profile", lambda: run_closed(profile_config))
+        profiles = [f"profiles.{profile_config.profile}={written}"]
+    gated = timed("gate", lambda: train_gate(config(GateStage, "gate", f"tailored={tailored}", *profiles)))
     summary["table"] = json.loads((out / "tailor" / "table.json").read_text())
     summary["gate"] = json.loads((out / "gate" / REPORT_FILE).read_text())["shipped"]
     summary["checkpoint"] = str(gated)

@@ -1,7 +1,7 @@
 """A checkpoint's provenance: flat, bounded, and free of local paths.
 
 Every stage writes one record and keeps the records of the stages before it, so a gated checkpoint holds
-at most three, whatever chain of runs made it::
+at most four (``profile`` where it has a second set of weights), whatever chain of runs made it::
 
     {"recipe": "ddsnet-color",
      "versions": {"ddsnet": "0.1.0", "torch": "2.13.0", "python": "3.11.2"},
@@ -30,9 +30,9 @@ from model import package_version
 from model.checkpoint import METADATA_KEY, read_metadata
 from training.data import list_images
 
-STAGES = ("supernet", "tailor", "gate")
+STAGES = ("supernet", "tailor", "profile", "gate")
 # Config keys that name files or folders on the machine that ran the stage; provenance leaves them out.
-PATH_KEYS = frozenset({"out_dir", "init_from", "supernet", "tailored", "train_dir", "val_dir"})
+PATH_KEYS = frozenset({"out_dir", "init_from", "supernet", "tailored", "train_dir", "val_dir", "profiles"})
 
 
 def data_digest(folder: str | Path) -> str:
@@ -47,6 +47,12 @@ def data_digest(folder: str | Path) -> str:
 def versions() -> dict[str, str]:
     """The versions that shape a trained checkpoint: ddsnet, torch and Python."""
     return {"ddsnet": package_version(), "torch": torch.__version__.split("+")[0], "python": platform.python_version()}
+
+
+def machine() -> dict:
+    """The machine a measurement ran on: platform, processor, torch and its intra-op threads."""
+    return {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
 
 
 def config_without_paths(config: Any) -> dict:

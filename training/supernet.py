@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from model.checkpoint import Subnet, load_checkpoint, save_checkpoint
 from model.flops import supernet_mflops_per_pixel
@@ -21,29 +20,20 @@ from model.gate import Gate, GateConfig
 from model.supernet import SlimUNet, SupernetConfig, WidthConfig
 from training.common import (
     JsonLog,
-    cosine_lr,
     load_train_state,
     psnr_by_sigma,
     read_state_meta,
     rng_state,
     save_train_state,
 )
-from training.compute import Compute, next_batch, worker_batches
+from training.compute import Compute
 from training.config import CONFIG_FILE, SandwichLoss, SupernetStage, save_config
-from training.data import PatchSampler, fixed_noisy_set
+from training.data import PatchSampler, validation_pairs
+from training.loop import Batches, Ema, Loop, cosine_lr, crop_for_step, run_loop
 from training.provenance import data_digests, provenance, stage_record
 
 STATE_FILE = "state.safetensors"
 EXPORT_FILE = "supernet.safetensors"
-
-
-def crop_for_step(schedule: list[list[float]], step: int, total: int) -> tuple[int, int]:
-    """The ``(crop, batch)`` in force at ``step``: the last schedule entry whose start fraction has passed."""
-    crop, batch = int(schedule[0][1]), int(schedule[0][2])
-    for start, entry_crop, entry_batch in schedule:
-        if step >= start * total:
-            crop, batch = int(entry_crop), int(entry_batch)
-    return crop, batch
 
 
 LOSSES = ("l1", "log_mse")
@@ -147,79 +137,59 @@ def train_supernet(config: SupernetStage, resume: bool = False) -> Path:
     torch.manual_seed(config.seed)
     compute = Compute(config.compute)
     net = compute.module(SlimUNet(SupernetConfig.from_dict(config.model)))
-    ema = compute.module(SlimUNet(net.config))
-    ema.load_state_dict(net.state_dict())
-    ema.requires_grad_(False)
+    ema = Ema(net, compute.module(SlimUNet(net.config)), config.ema_decay)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
-    sampler = PatchSampler(config.data.train_dir, seed=config.seed, scale_range=config.data.scale_range,
-                           texture_candidates=config.data.texture_candidates)
-    generator = torch.Generator().manual_seed(config.seed)
+    batches = Batches.for_run(config.data, config.seed, compute)
     width_rng = random.Random(config.seed + 1)
-    val_pairs = fixed_noisy_set(config.data.val_dir, config.data.val_sigmas, config.data.val_seed, config.data.val_crop,
-                                scales=config.data.val_scales, degradations=config.data.val_degradations)
+    val_pairs = validation_pairs(config.data, config.data.val_crop)
     log = JsonLog(out_dir / "log.jsonl")
 
     step, elapsed, init_sha256 = 0, 0.0, ""
     if config.init_from and not resume:
-        source = load_checkpoint(config.init_from)
-        if source.net.config != net.config:
-            raise ValueError(f"init_from {config.init_from}: its model {source.net.config} is not {net.config}")
-        net.load_state_dict(source.net.state_dict())
-        ema.load_state_dict(source.net.state_dict())
-        init_sha256 = source.tensors_sha256
+        init_sha256 = init_weights(config.init_from, net, ema.module)
     data_sha256 = data_digests(config.data)
     state_path = out_dir / STATE_FILE
     if resume:
-        step, elapsed, init_sha256 = load_state(state_path, net, ema, optimizer, sampler, generator, width_rng)
-    started, this_start = time.time() - elapsed, time.time()
+        step, elapsed, init_sha256 = load_state(state_path, net, ema.module, optimizer, batches.sampler,
+                                                batches.generator, width_rng)
     widest, slimmest = net.widest(), net.slimmest()
-    batches = None
-    if config.compute.workers:
-        def shape(at: int) -> tuple[int, int]:
-            return crop_for_step(config.crop_schedule, at, config.steps)
 
-        batches = worker_batches(config.data, config.seed, step, config.steps, shape, config.compute.workers,
-                                 pin_memory=compute.device.type == "cuda")
-    progress = tqdm(total=config.steps, initial=step, desc="supernet", dynamic_ncols=True)
-    while step < config.steps:
-        crop, batch = crop_for_step(config.crop_schedule, step, config.steps)
-        lr = cosine_lr(step, config.steps, config.lr, config.lr_min, config.warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        clean, noisy = next_batch(batches, sampler, config.data, generator, batch, crop, compute)
-
+    def train_step(clean: torch.Tensor, noisy: torch.Tensor) -> dict:
         optimizer.zero_grad(set_to_none=True)
         members = [slimmest] + [net.random_widths(width_rng) for _ in range(config.random_widths)]
         with compute.autocast():
             loss_widest, member_losses = sandwich_backward(net, noisy, clean, members, config)
         optimizer.step()
-        with torch.no_grad():
-            for ema_param, param in zip(ema.parameters(), net.parameters()):
-                ema_param.lerp_(param, 1 - config.ema_decay)
-        step += 1
-        progress.update(1)
-        elapsed = time.time() - started
+        return {"loss_widest": round(loss_widest, 6), "loss_slimmest": round(member_losses[0], 6),
+                "loss_random": [round(x, 6) for x in member_losses[1:]]}
 
-        if step % config.log_every == 0:
-            log.write(
-                step=step, lr=lr, crop=crop, batch=batch, loss_widest=round(loss_widest, 6),
-                loss_slimmest=round(member_losses[0], 6), loss_random=[round(x, 6) for x in member_losses[1:]],
-                seconds=round(elapsed, 1),
-            )
-            progress.set_postfix(loss=f"{loss_widest:.4f}", lr=f"{lr:.2e}")
-        if step % config.val_every == 0 or step == config.steps:
-            ema.eval()
-            log.write(
-                step=step, val_psnr_widest=psnr_by_sigma(ema, widest, val_pairs),
-                val_psnr_slimmest=psnr_by_sigma(ema, slimmest, val_pairs), seconds=round(elapsed, 1),
-            )
-        over_time = config.max_minutes > 0 and time.time() - this_start > 60 * config.max_minutes
-        over_time = over_time or step == config.stop_at
-        if step % config.save_every == 0 or step == config.steps or over_time:
-            save_state(state_path, net, ema, optimizer, step, sampler, generator, width_rng, elapsed, init_sha256)
-            record = stage_record(config, steps=step, seconds=elapsed, data=data_sha256, source_sha256=init_sha256)
-            export_supernet(out_dir / EXPORT_FILE, ema, provenance(None, "supernet", record, config.recipe))
-        if over_time:
-            break
-    progress.close()
+    def validate() -> dict:
+        ema.module.eval()
+        return {"val_psnr_widest": psnr_by_sigma(ema.module, widest, val_pairs),
+                "val_psnr_slimmest": psnr_by_sigma(ema.module, slimmest, val_pairs)}
+
+    def save(at: int, seconds: float) -> None:
+        save_state(state_path, net, ema.module, optimizer, at, batches.sampler, batches.generator, width_rng,
+                   seconds, init_sha256)
+        record = stage_record(config, steps=at, seconds=seconds, data=data_sha256, source_sha256=init_sha256)
+        export_supernet(out_dir / EXPORT_FILE, ema.module, provenance(None, "supernet", record, config.recipe))
+
+    loop = Loop(
+        "supernet", config.steps, train_step, [optimizer],
+        lr=lambda at: cosine_lr(at, config.steps, config.lr, config.lr_min, config.warmup_steps),
+        shape=lambda at: crop_for_step(config.crop_schedule, at, config.steps), log=log,
+        log_every=config.log_every, ema=ema, validate=validate, val_every=config.val_every, save=save,
+        save_every=config.save_every, max_minutes=config.max_minutes, stop_at=config.stop_at,
+    )
+    run_loop(loop, batches, step, started=time.time() - elapsed)
     return out_dir / EXPORT_FILE
+
+
+def init_weights(source_path: str, net: SlimUNet, ema: SlimUNet) -> str:
+    """Start ``net`` and its EMA from a ddsnet checkpoint's supernet (``init_from``); returns its digest."""
+    source = load_checkpoint(source_path)
+    if source.net.config != net.config:
+        raise ValueError(f"init_from {source_path}: its model {source.net.config} is not {net.config}")
+    net.load_state_dict(source.net.state_dict())
+    ema.load_state_dict(source.net.state_dict())
+    return source.tensors_sha256

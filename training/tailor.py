@@ -19,22 +19,22 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model.checkpoint import Checkpoint, Subnet, load_checkpoint, save_checkpoint
+from model.checkpoint import DEFAULT_PROFILE, Checkpoint, Subnet, load_checkpoint, save_checkpoint
 from model.flops import supernet_mflops_per_pixel
 from model.gate import Gate, GateConfig
 from model.metrics import psnr
 from model.supernet import SlimUNet, SupernetConfig, WidthConfig, WidthGroup
 from training.common import (
     JsonLog,
-    cosine_lr,
     load_train_state,
     psnr_by_sigma,
     read_state_meta,
     save_train_state,
 )
-from training.compute import Compute, next_batch, worker_batches
-from training.config import CONFIG_FILE, TailorStage, save_config
-from training.data import PatchSampler, fixed_noisy_set
+from training.compute import Compute
+from training.config import CONFIG_FILE, ProfileStage, TailorStage, save_config
+from training.data import fixed_noisy_set, validation_pairs
+from training.loop import Batches, Loop, cosine_lr, run_loop
 from training.provenance import data_digests, provenance, stage_record
 from training.supernet import check_loss, check_save_every, sandwich_backward
 
@@ -241,55 +241,90 @@ def finetune(net: SlimUNet, configs: list[WidthConfig], config: TailorStage, log
     compute = compute or Compute(config.compute)
     net.train().requires_grad_(True)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.finetune_lr)
-    data = config.data
-    sampler = PatchSampler(data.train_dir, seed=config.seed, scale_range=data.scale_range,
-                           texture_candidates=data.texture_candidates)
-    generator = torch.Generator().manual_seed(config.seed)
+    batches = Batches.for_run(config.data, config.seed, compute)
     step = 0
     if resume:
-        step = int(load_train_state(state_path, {"net": net}, optimizer, generator, sampler)["step"])
-    this_start = time.time()
+        step = int(load_train_state(state_path, {"net": net}, optimizer, batches.generator, batches.sampler)["step"])
     members = configs[1:]
-    batches = None
-    if config.compute.workers:
-        batches = worker_batches(data, config.seed, step, config.finetune_steps,
-                                 lambda _: (config.finetune_crop, config.finetune_batch), config.compute.workers,
-                                 pin_memory=compute.device.type == "cuda")
-    progress = tqdm(total=config.finetune_steps, initial=step, desc="tailor (fine-tune)", dynamic_ncols=True)
-    while step < config.finetune_steps:
-        lr = cosine_lr(step, config.finetune_steps, config.finetune_lr, 0.0, 0)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        clean, noisy = next_batch(batches, sampler, data, generator, config.finetune_batch, config.finetune_crop,
-                                  compute)
+
+    def train_step(clean: torch.Tensor, noisy: torch.Tensor) -> dict:
         optimizer.zero_grad(set_to_none=True)
         with compute.autocast():
             loss_widest, member_losses = sandwich_backward(net, noisy, clean, members, config)
         optimizer.step()
-        step += 1
-        progress.update(1)
-        if step % config.log_every == 0 or step == config.finetune_steps:
-            log.write(finetune_step=step, lr=lr, loss_widest=round(loss_widest, 6),
-                      loss_members=[round(x, 6) for x in member_losses], seconds=round(time.time() - started, 1))
-            progress.set_postfix(loss=f"{loss_widest:.4f}")
-        over_time = config.max_minutes > 0 and time.time() - this_start > 60 * config.max_minutes
-        over_time = over_time or step == config.stop_at
-        if step % config.save_every == 0 or step == config.finetune_steps or over_time:
-            save_train_state(state_path, {"net": net}, optimizer, generator, sampler,
-                             {**meta, "step": step, "elapsed_s": time.time() - started})
-        if over_time:
-            break
-    progress.close()
+        return {"loss_widest": round(loss_widest, 6), "loss_members": [round(x, 6) for x in member_losses]}
+
+    def save(at: int, seconds: float) -> None:
+        save_train_state(state_path, {"net": net}, optimizer, batches.generator, batches.sampler,
+                         {**meta, "step": at, "elapsed_s": seconds})
+
+    loop = Loop(
+        "tailor (fine-tune)", config.finetune_steps, train_step, [optimizer],
+        lr=lambda at: cosine_lr(at, config.finetune_steps, config.finetune_lr),
+        shape=lambda _: (config.finetune_crop, config.finetune_batch), log=log, log_every=config.log_every,
+        step_key="finetune_step", save=save, save_every=config.save_every, max_minutes=config.max_minutes,
+        stop_at=config.stop_at,
+    )
+    step = run_loop(loop, batches, step, started)
     net.eval().requires_grad_(False)
     return step
 
 
-def _table(net: SlimUNet, configs: list[WidthConfig], val_pairs: list, desc: str) -> list[Subnet]:
+def _table(net: SlimUNet, configs: list[WidthConfig], val_pairs: list, desc: str,
+           profile: str = DEFAULT_PROFILE) -> list[Subnet]:
     subnets = []
     for widths in tqdm(configs, desc=desc):
         mflops = round(supernet_mflops_per_pixel(net, widths), 6)
-        subnets.append(Subnet(widths, mflops, psnr_by_sigma(net, widths, val_pairs)))
+        subnets.append(Subnet(widths, mflops, psnr_by_sigma(net, widths, val_pairs), profile))
     return subnets
+
+
+def _resumed(config: TailorStage, state_path: Path, compute: Compute
+             ) -> tuple[SlimUNet, list[WidthConfig], dict, JsonLog, float]:
+    """A stopped fine-tune reopened from its state: the network (weights loaded later, with the optimizer),
+    its configurations, the state's meta, the log and the time the run's elapsed seconds count from."""
+    meta = read_state_meta(state_path)
+    log = JsonLog(Path(config.out_dir) / "log.jsonl")
+    net = compute.module(SlimUNet(SupernetConfig.from_dict(meta["model"])))
+    configs = [tuple(c) for c in meta["configs"]]
+    started = time.time() - float(meta["elapsed_s"])
+    resumes = meta.get("resumes", 0)
+    meta["resumes"] = (len(resumes) if isinstance(resumes, list) else int(resumes)) + 1
+    meta.setdefault("source_sha256", "")
+    meta.setdefault("data_sha256", data_digests(config.data, train=True))
+    save_config(config, Path(config.out_dir) / CONFIG_FILE)
+    log.write(resumed_at_step=int(meta["step"]), seconds=round(time.time() - started, 1))
+    return net, configs, meta, log, started
+
+
+def _fresh(config: TailorStage, compute: Compute) -> tuple[SlimUNet, list[WidthConfig], dict, JsonLog, float]:
+    """The supernet loaded and its K configurations found (searched, kept or given, then refilled)."""
+    checkpoint = load_checkpoint(config.supernet)
+    net = compute.module(checkpoint.net)
+    if config.configs and config.search:
+        raise ValueError("configs lists the sub-networks to keep instead of searching; set search=false too")
+    kept = None  # checked before anything is written
+    if config.configs:
+        kept = given_configurations(net, config.configs)
+    elif not config.search:
+        kept = kept_configurations(checkpoint, config.supernet)
+    if config.refill and kept is not None and len(config.targets) != len(kept) - 1:
+        raise ValueError(f"refill: targets gives {len(config.targets)} FLOPs fractions for the "
+                         f"{len(kept) - 1} sub-networks after the widest; give one for each")
+    save_config(config, Path(config.out_dir) / CONFIG_FILE)
+    log = JsonLog(Path(config.out_dir) / "log.jsonl")
+    started = time.time()
+    if kept is None:
+        configs = _search(net, config, log, started)
+    else:
+        configs = kept
+        log.write(kept_configurations=[list(c) for c in configs], seconds=round(time.time() - started, 1))
+    if config.refill:
+        configs = refill_configurations(net, configs, config, log, started)
+    meta = {"model": net.config.to_dict(), "configs": [list(c) for c in configs],
+            "provenance": checkpoint.provenance, "source_sha256": checkpoint.tensors_sha256,
+            "data_sha256": data_digests(config.data, train=config.finetune_steps > 0)}
+    return net, configs, meta, log, started
 
 
 def tailor(config: TailorStage, resume: bool = False) -> Path:
@@ -305,47 +340,10 @@ def tailor(config: TailorStage, resume: bool = False) -> Path:
     out_dir = Path(config.out_dir)
     state_path = out_dir / FINETUNE_STATE_FILE
     compute = Compute(config.compute)
-    if resume:
-        meta = read_state_meta(state_path)
-        log = JsonLog(out_dir / "log.jsonl")
-        net = compute.module(SlimUNet(SupernetConfig.from_dict(meta["model"])))
-        configs = [tuple(c) for c in meta["configs"]]
-        started = time.time() - float(meta["elapsed_s"])
-        resumes = meta.get("resumes", 0)
-        meta["resumes"] = (len(resumes) if isinstance(resumes, list) else int(resumes)) + 1
-        meta.setdefault("source_sha256", "")
-        meta.setdefault("data_sha256", data_digests(config.data, train=True))
-        save_config(config, out_dir / CONFIG_FILE)
-        log.write(resumed_at_step=int(meta["step"]), seconds=round(time.time() - started, 1))
-    else:
-        checkpoint = load_checkpoint(config.supernet)
-        net = compute.module(checkpoint.net)
-        if config.configs and config.search:
-            raise ValueError("configs lists the sub-networks to keep instead of searching; set search=false too")
-        kept = None  # checked before anything is written
-        if config.configs:
-            kept = given_configurations(net, config.configs)
-        elif not config.search:
-            kept = kept_configurations(checkpoint, config.supernet)
-        if config.refill and kept is not None and len(config.targets) != len(kept) - 1:
-            raise ValueError(f"refill: targets gives {len(config.targets)} FLOPs fractions for the "
-                             f"{len(kept) - 1} sub-networks after the widest; give one for each")
-        save_config(config, out_dir / CONFIG_FILE)
-        log = JsonLog(out_dir / "log.jsonl")
-        started = time.time()
-        if kept is None:
-            configs = _search(net, config, log, started)
-        else:
-            configs = kept
-            log.write(kept_configurations=[list(c) for c in configs], seconds=round(time.time() - started, 1))
-        if config.refill:
-            configs = refill_configurations(net, configs, config, log, started)
-        meta = {"model": net.config.to_dict(), "configs": [list(c) for c in configs],
-                "provenance": checkpoint.provenance, "source_sha256": checkpoint.tensors_sha256,
-                "data_sha256": data_digests(config.data, train=config.finetune_steps > 0)}
+    opened = _resumed(config, state_path, compute) if resume else _fresh(config, compute)
+    net, configs, meta, log, started = opened
 
-    val_pairs = fixed_noisy_set(config.data.val_dir, config.data.val_sigmas, config.data.val_seed,
-                                scales=config.data.val_scales, degradations=config.data.val_degradations)
+    val_pairs = validation_pairs(config.data)
     if config.finetune_steps > 0:
         if not resume:
             before = [s.to_dict() for s in _table(net, configs, val_pairs, "tailor (validation, before fine-tune)")]
@@ -357,7 +355,8 @@ def tailor(config: TailorStage, resume: bool = False) -> Path:
             tqdm.write(f"fine-tune stopped at step {step} of {config.finetune_steps}; continue with "
                        f"`ddsnet-train tailor --resume --set out_dir={out_dir}`")
             return state_path
-    subnets = _table(net, configs, val_pairs, "tailor (validation)")
+    profile = config.profile if isinstance(config, ProfileStage) else DEFAULT_PROFILE
+    subnets = _table(net, configs, val_pairs, "tailor (validation)", profile)
     table = [s.to_dict() for s in subnets]
     (out_dir / "table.json").write_text(json.dumps(table, indent=2))
     log.write(table=table, seconds=round(time.time() - started, 1))
@@ -367,7 +366,10 @@ def tailor(config: TailorStage, resume: bool = False) -> Path:
     record = stage_record(config, steps=config.finetune_steps, seconds=time.time() - started,
                           data=meta["data_sha256"], source_sha256=meta["source_sha256"],
                           configurations=origin, resumes=int(meta.get("resumes", 0)))
-    written = provenance(meta["provenance"], "tailor", record, config.recipe)
+    stage = "tailor" if profile == DEFAULT_PROFILE else "profile"
+    if stage == "profile":
+        record["profile"] = profile
+    written = provenance(meta["provenance"], stage, record, config.recipe)
     gate = Gate(GateConfig(num_subnets=len(subnets)))
     path = out_dir / TAILORED_FILE
     save_checkpoint(path, net, gate, subnets, gate_trained=False, provenance=written)

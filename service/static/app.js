@@ -17,6 +17,12 @@ function describeReason(reason, gateSubnet, quality) {
   return `requested (${quality})`;
 }
 
+// Which weights ran and why, from DDSNet-Profile and DDSNet-Profile-Reason.
+function describeProfile(profile, reason) {
+  const why = { gate: "chosen by the gate", jpeg_header: "the upload is a JPEG file", requested: "requested" };
+  return `${profile} (${why[reason] || reason})`;
+}
+
 function setFile(file) {
   const transfer = new DataTransfer();
   transfer.items.add(file);
@@ -43,7 +49,9 @@ $("form").addEventListener("submit", async (event) => {
   event.preventDefault();
   const file = $("file").files[0];
   if (!file) { show($("error"), "Choose a photo first."); return; }
-  const quality = new FormData($("form")).get("quality");
+  const form = new FormData($("form"));
+  const quality = form.get("quality");
+  const noise = form.get("noise");
   const body = new FormData();
   body.append("file", file);
   const headers = {};
@@ -55,7 +63,8 @@ $("form").addEventListener("submit", async (event) => {
   $("send").disabled = true;
   const started = performance.now();
   try {
-    const response = await fetch(`/denoise?quality=${encodeURIComponent(quality)}`, { method: "POST", body, headers });
+    const query = new URLSearchParams({ quality, noise });
+    const response = await fetch(`/denoise?${query}`, { method: "POST", body, headers });
     if (!response.ok) {
       let detail = `HTTP ${response.status}`;
       try { detail = (await response.json()).detail || detail; } catch (_) { /* not JSON */ }
@@ -76,6 +85,8 @@ $("form").addEventListener("submit", async (event) => {
     $("subnet").textContent = subnet;
     $("reason").textContent = describeReason(response.headers.get("DDSNet-Reason"),
                                              response.headers.get("DDSNet-Gate-Subnet"), quality);
+    $("profile").textContent = describeProfile(response.headers.get("DDSNet-Profile"),
+                                               response.headers.get("DDSNet-Profile-Reason"));
     $("gflops").textContent = `${spent.toFixed(1)} GFLOPs, against ${widest.toFixed(1)} for best`
       + ` (${Math.round(100 * spent / widest)}%)`;
     $("time").textContent = `${seconds.toFixed(2)} s, of which compute `

@@ -15,6 +15,8 @@ from PIL import Image
 from skimage import data
 
 from service.cli import main
+from tests.model.test_checkpoint import hostile_checkpoint, set_field
+from tests.service.conftest import MALFORMED_PNG
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +206,35 @@ def test_console_script_is_installed(tiny_checkpoint):
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert len(json.loads(result.stdout)["subnets"]) == 3
+
+
+def test_the_cli_reports_a_malformed_file_and_goes_on_to_the_next(tiny_checkpoint, tmp_path, astronaut_png, capsys):
+    bad, good = tmp_path / "t.png", tmp_path / "good.png"
+    bad.write_bytes(MALFORMED_PNG)
+    good.write_bytes(astronaut_png.read_bytes())
+    code = main(["denoise", str(bad), str(good), "-o", str(tmp_path / "out"), "--checkpoint", tiny_checkpoint,
+                 "--tile", "64"])
+    assert code == 1
+    assert (tmp_path / "out" / "good.png").is_file() and not (tmp_path / "out" / "t.png").exists()
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith(f"error: {bad}")
+
+
+@pytest.mark.parametrize("command", ["info", "serve"])
+def test_info_and_serve_refuse_a_bad_checkpoint_with_one_line(tiny_checkpoint, tmp_path, capsys, command):
+    path = hostile_checkpoint(tiny_checkpoint, tmp_path / "bad.safetensors", set_field(["model", "steps_per_width"], 0))
+    assert main([command, "--checkpoint", str(path)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in captured.err + captured.out
+
+
+def test_the_backend_defaults_to_the_services_setting(capsys, tiny_checkpoint, astronaut_png, tmp_path, monkeypatch):
+    from service import backends
+
+    monkeypatch.setattr(backends, "installed", lambda name: name == "torch")
+    monkeypatch.setenv("DDSNET_BACKEND", "openvino")
+    arguments = ("denoise", str(astronaut_png), "-o", str(tmp_path / "out.png"), "--checkpoint", tiny_checkpoint)
+    code, _, stderr = run_cli(capsys, *arguments)
+    assert code == 2 and "backend 'openvino' is not installed" in stderr
+    assert run_cli(capsys, *arguments, "--backend", "torch")[0] == 0

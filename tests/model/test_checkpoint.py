@@ -8,6 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model import CheckpointError, Gate, GateConfig, load_checkpoint, save_checkpoint
+from model.checkpoint import METADATA_KEY, _tensors_digest
 from tests.conftest import randomize, tiny_subnets
 
 
@@ -156,3 +157,72 @@ def test_the_shipped_checkpoint_holds_the_measured_weights_and_a_flat_provenance
             yield node
 
     assert not [s for s in strings(provenance) if "/" in s or s in {"previous", "command"}]
+
+
+def hostile_checkpoint(source: str, target: Path, edit=None, tensors_edit=None) -> Path:
+    with safe_open(source, framework="pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        document = json.loads(handle.metadata()[METADATA_KEY])
+    if tensors_edit:
+        tensors_edit(tensors)
+        document["tensors_sha256"] = _tensors_digest(tensors)
+    metadata = document if edit is None else edit(document)
+    save_file(tensors, str(target), metadata={METADATA_KEY: metadata if isinstance(metadata, str)
+                                              else json.dumps(metadata)})
+    return target
+
+
+def set_field(path: list, value):
+    def edit(document):
+        node = document
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        return document
+    return edit
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: json.dumps([d]), "JSON object"),
+    (lambda d: "[" * 100_000 + "]" * 100_000, "nested too deeply|JSON object"),
+    (set_field(["model", "steps_per_width"], 0), "steps_per_width"),
+    (set_field(["model", "channels"], [2**20, 2**20, 2**20]), "model.channels"),
+    (set_field(["model", "body_blocks"], 10**9), "body_blocks"),
+    (set_field(["model", "body_blocks"], 5), "shape|missing|unexpected"),
+    (set_field(["subnets"], []), "subnets"),
+    (set_field(["gate", "config", "num_subnets"], "three"), "num_subnets"),
+])
+def test_hostile_checkpoint_metadata_is_one_clear_error_without_allocating(tiny_checkpoint, tmp_path, edit, message):
+    path = hostile_checkpoint(tiny_checkpoint, tmp_path / "bad.safetensors", edit)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+
+
+def test_non_finite_weights_are_refused(tiny_checkpoint, tmp_path):
+    def poison(tensors):
+        name = next(name for name in sorted(tensors) if name.startswith("net."))
+        tensors[name] = tensors[name].clone()
+        tensors[name].view(-1)[0] = float("nan")
+
+    path = hostile_checkpoint(tiny_checkpoint, tmp_path / "nan.safetensors", tensors_edit=poison)
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        load_checkpoint(path)
+
+
+def test_two_profiles_round_trip_in_float16_at_half_the_bytes_of_float32(two_profile_checkpoint, tmp_path):
+    loaded = load_checkpoint(two_profile_checkpoint)
+    assert loaded.profiles == ["white", "compressed"]
+    assert [s.profile for s in loaded.subnets] == ["white"] * 3 + ["compressed"] * 3
+    assert not torch.equal(loaded.nets["white"].head.weight, loaded.nets["compressed"].head.weight)
+    assert all(p.dtype == torch.float32 for net in loaded.nets.values() for p in net.parameters())
+    single = tmp_path / "white.safetensors"
+    save_checkpoint(single, loaded.net, Gate(GateConfig(num_subnets=3)), loaded.subnets[:3], gate_trained=False)
+    # Two profiles in float16 take the bytes of one in float32 (plus the gate and the header).
+    assert Path(two_profile_checkpoint).stat().st_size < 1.1 * single.stat().st_size
+
+
+def test_a_row_of_an_unknown_profile_is_refused(two_profile_checkpoint, tmp_path):
+    target = tmp_path / "bad.safetensors"
+    _rewrite_metadata(two_profile_checkpoint, target, lambda doc: doc["subnets"][0].update(profile="night"))
+    with pytest.raises(CheckpointError, match="subnets\\[0\\].profile must be one of"):
+        load_checkpoint(target)

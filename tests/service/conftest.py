@@ -17,11 +17,25 @@ from skimage import data
 from service.app import build_app
 from service.settings import Settings
 
+MALFORMED_PNG = b"\x89PNG\r\n\x1a\n\0\0\0\x0cIHDR\0\0\0\x01\0\0\0\x01\x08\0\0\0\xc4\xa0\xeb\x47"
+
 
 def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array, mode).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def encoded(array: np.ndarray, fmt: str, **options) -> bytes:
+    """``array`` saved by Pillow in ``fmt`` with ``options``."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def post(client, payload: bytes, name: str = "x.png", **params):
+    """``POST /denoise`` with ``payload`` as the file and ``params`` as the query."""
+    return client.post("/denoise", params=params, files={"file": (name, payload, "application/octet-stream")})
 
 
 @pytest.fixture(scope="session")
@@ -31,12 +45,12 @@ def photo() -> np.ndarray:
 
 @pytest.fixture
 def make_client(tiny_checkpoint):
-    """``make_client(**settings)`` -> a started TestClient and the list of batches the engine ran."""
+    """``make_client(**settings)`` -> a started TestClient and the list of batches the scheduler ran."""
     opened = []
 
     def make(**overrides):
         batches: list[tuple[int, list]] = []
-        # The torch engine builds in milliseconds; tests/service/test_backends.py covers the others and auto.
+        # The torch runtime builds in milliseconds; tests/service/test_backends.py covers the others and auto.
         settings = Settings(**{"checkpoint": tiny_checkpoint, "tile": 64, "warmup": True, "backend": "torch",
                                **overrides})
         client = TestClient(build_app(settings, on_batch=lambda subnet, jobs: batches.append((subnet, jobs))))

@@ -1,4 +1,4 @@
-"""Compiled engines: each backend agrees with the supernet, auto chooses by measurement, bad choices are refused."""
+"""Compiled runtimes: each backend agrees with the supernet, auto chooses by measurement, bad choices are refused."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from model import Denoiser, load_checkpoint
+from model import Denoiser, Quality, load_checkpoint
 from service import backends
-from service.backends import BACKENDS, BackendUnavailable, EngineSet, build_engine, installed, shape_bound
+from service.backends import BACKENDS, BackendUnavailable, Runtimes, build_runtime, installed, shape_bound
 
 TOLERANCE = 1e-4
 
@@ -33,36 +33,36 @@ def test_every_backend_matches_the_supernet_on_every_window_shape(denoiser, back
         pytest.skip(f"{backend} is not installed")
     generator = torch.Generator().manual_seed(3)
     for index in range(len(denoiser.subnets)):
-        engine = build_engine(denoiser, index, backend, shape_bound(denoiser, max_batch=4))
-        assert engine.backend == backend and engine.precision == "float32"
+        runtime = build_runtime(denoiser, index, backend, shape_bound(denoiser, max_batch=4))
+        assert runtime.backend == backend and runtime.precision == "float32"
         for batch, height, width in window_shapes(denoiser):
             windows = torch.rand(batch, 3, height, width, generator=generator)
             expected = denoiser.run_windows(windows, index)
-            got = engine(windows)
+            got = runtime(windows)
             assert got.shape == expected.shape and got.dtype == torch.float32
             assert (got - expected).abs().max().item() <= TOLERANCE, (backend, index, batch, height, width)
 
 
-def test_denoiser_runs_through_its_engines(denoiser):
+def test_denoiser_runs_through_the_runtimes_it_is_handed(denoiser):
     noisy = torch.rand(1, 3, 150, 97, generator=torch.Generator().manual_seed(4))
-    plain = denoiser.denoise(noisy, "best")
-    engines = backends.use_backend(denoiser, "torch")
-    assert engines.summary()["subnets"] == []  # nothing is built before it is used
-    through = denoiser.denoise(noisy, "best")
-    assert [row["subnet"] for row in engines.summary()["subnets"]] == [through.subnet]
+    plain = denoiser.denoise(noisy, Quality.best)
+    runtimes = Runtimes(denoiser, "torch")
+    assert runtimes.summary()["subnets"] == []  # nothing is built before it is used
+    through = denoiser.denoise(noisy, Quality.best, runtimes)
+    assert [row["subnet"] for row in runtimes.summary()["subnets"]] == [through.subnet]
     assert through.flops == plain.flops and (through.denoised - plain.denoised).abs().max() <= TOLERANCE
 
 
 def test_auto_times_every_candidate_and_keeps_the_fastest(denoiser):
-    engines = EngineSet(denoiser, "auto")
-    assert engines.names == backends.candidates(denoiser.device) and "torch" in engines.names
-    engines.build_all()
-    summary = engines.summary()
+    runtimes = Runtimes(denoiser, "auto")
+    assert runtimes.names == backends.candidates(denoiser.device) and "torch" in runtimes.names
+    runtimes.build_all()
+    summary = runtimes.summary()
     assert [row["subnet"] for row in summary["subnets"]] == list(range(len(denoiser.subnets)))
     for row in summary["subnets"]:
-        if len(engines.names) > 1:
-            probes = engines.probe_seconds[row["subnet"]]
-            assert set(probes) == set(engines.names) == set(row["probe_ms"])
+        if len(runtimes.names) > 1:
+            probes = runtimes.probe_seconds[row["subnet"]]
+            assert set(probes) == set(runtimes.names) == set(row["probe_ms"])
             assert row["backend"] == min(probes, key=probes.get)
         else:
             assert row["backend"] == "torch"
@@ -70,11 +70,11 @@ def test_auto_times_every_candidate_and_keeps_the_fastest(denoiser):
 
 def test_unknown_or_missing_backends_are_refused(denoiser, monkeypatch):
     with pytest.raises(BackendUnavailable, match="unknown backend 'tensorrt'"):
-        EngineSet(denoiser, "tensorrt")
+        Runtimes(denoiser, "tensorrt")
     monkeypatch.setattr(backends, "installed", lambda name: name == "torch")
     with pytest.raises(BackendUnavailable, match=r"'openvino' is not installed \(pip install 'ddsnet\[serve\]'\)"):
-        EngineSet(denoiser, "openvino")
-    assert EngineSet(denoiser, "auto").names == ["torch"]
+        Runtimes(denoiser, "openvino")
+    assert Runtimes(denoiser, "auto").names == ["torch"]
 
 
 def test_cli_refuses_a_backend_that_is_not_installed(tiny_checkpoint, tmp_path, monkeypatch, capsys):
@@ -104,7 +104,7 @@ def half_precision_loss(static, dtype):
     return backends.half_precision_loss_db(static, torch.device("cpu"), dtype, side=64)
 
 
-def test_service_reports_its_engines(make_client):
+def test_service_reports_its_runtimes(make_client):
     client, _ = make_client(backend="auto")
     engines = client.get("/info").json()["engines"]
     assert engines["requested"] == "auto" and len(engines["subnets"]) == 3

@@ -13,7 +13,7 @@ from PIL import Image
 
 from model import Denoiser, Gate, GateConfig, SlimUNet, load_checkpoint, save_checkpoint
 from service.app import build_app
-from service.backends import use_backend
+from service.backends import Runtimes
 from service.controller import LoadController
 from service.settings import Settings
 from tests.conftest import TINY, randomize, tiny_subnets
@@ -155,10 +155,11 @@ def test_a_flooded_server_gives_up_width_and_refuses_nothing(wide_gate_checkpoin
     assert info["enabled"] and info["load_downgrades"] == len(downgraded) and info["latency_target_ms"] == 1.0
     # All of a request's tiles ran at one width: the answer is that width's output exactly.
     denoiser = Denoiser(load_checkpoint(wide_gate_checkpoint), tile=64)
-    use_backend(denoiser, "torch")
+    runtimes = Runtimes(denoiser, "torch")
     noisy = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
-    expected = {subnet: (denoiser.run(noisy, subnet)[0][0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-                for subnet in (0, 2)}
+    expected = {
+        subnet: (denoiser.run(noisy, subnet, runtimes[subnet])[0][0].permute(1, 2, 0).numpy() * 255).round()
+        .astype(np.uint8) for subnet in (0, 2)}
     for response in responses:
         served = np.asarray(Image.open(io.BytesIO(response.content)))
         assert np.array_equal(served, expected[int(response.headers["DDSNet-Subnet"])])

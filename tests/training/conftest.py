@@ -81,7 +81,7 @@ def three_stage_run(photo_dirs, tmp_path_factory) -> ThreeStageRun:
     supernet_path = train_supernet(supernet_config(photo_dirs, root / "supernet", recipe=RECIPE))
     tailored = tailor(load_config(TailorStage, None, [
         f"supernet={supernet_path}", f"out_dir={root / 'tailor'}", "search_crop=32", "targets=[0.7, 0.45, 0.25]",
-        f"data={json.dumps(tiny_data(photo_dirs))}"]))
+        "finetune_steps=0", f"data={json.dumps(tiny_data(photo_dirs))}"]))
     gate_data = {**tiny_data(photo_dirs), "val_scales": [1.0, 0.5]}
     gated = train_gate(load_config(GateStage, None, [
         f"tailored={tailored}", f"out_dir={root / 'gate'}", "steps=2", "batch_size=2", "crop=16", "log_every=1",

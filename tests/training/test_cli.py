@@ -25,18 +25,18 @@ def subcommands(help_text: str) -> list[str]:
     return re.search(r"\{([\w,-]+)\}", help_text).group(1).split(",")
 
 
-def test_help_lists_the_three_stages_the_pipeline_and_eval(capsys):
+def test_help_lists_the_stages_the_pipeline_and_eval(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
-    assert subcommands(capsys.readouterr().out) == ["supernet", "tailor", "gate", "pipeline", "eval"]
+    assert subcommands(capsys.readouterr().out) == ["supernet", "tailor", "profile", "gate", "pipeline", "eval"]
 
 
 def test_console_script_is_installed():
     executable = shutil.which("ddsnet-train") or str(Path(sys.executable).with_name("ddsnet-train"))
     result = subprocess.run([executable, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert subcommands(result.stdout) == ["supernet", "tailor", "gate", "pipeline", "eval"]
+    assert subcommands(result.stdout) == ["supernet", "tailor", "profile", "gate", "pipeline", "eval"]
 
 
 def test_resume_keeps_the_runs_own_config_unless_one_is_given(photo_dirs, tmp_path):

@@ -139,3 +139,37 @@ def test_evaluation_degradations_are_named_and_a_number_means_awgn():
 def test_noise_rms_is_on_the_0_255_scale():
     clean = torch.zeros(1, 3, 8, 8)
     assert noise_rms(clean + 10 / 255, clean) == pytest.approx(10.0)
+
+
+def test_sensor_noise_then_jpeg_grows_with_brightness_and_is_correlated():
+    dark, bright = torch.full((3, 96, 96), 0.1), torch.full((3, 96, 96), 0.9)
+    params = {"photons": 60.0, "read_sigma": 1.0, "quality": 60}
+    assert residual("poisson_jpeg", params, bright).std() > residual("poisson_jpeg", params, dark).std()
+    assert neighbour_correlation(residual("poisson_jpeg", params, bright)) > 0.05
+
+
+def test_a_double_jpeg_compresses_again_on_a_shifted_grid():
+    clean = torch.rand(3, 64, 64)
+    generator = torch.Generator().manual_seed(0)
+    once = apply("jpeg", clean, {"sigma": 10.0, "quality": 90}, generator)
+    twice = apply("jpeg", clean, {"sigma": 10.0, "quality": 90, "requality": 60, "shift": [3, 5]},
+                  torch.Generator().manual_seed(0))
+    assert torch.equal(twice[:, :3, :], once[:, :3, :]) and torch.equal(twice[:, :, :5], once[:, :, :5])
+    assert not torch.equal(twice[:, 3:, 5:], once[:, 3:, 5:])
+
+
+def test_double_jpeg_draws_follow_their_share_and_a_zero_share_draws_as_before():
+    config = DegradationConfig(mix={"jpeg": 1.0, "poisson_jpeg": 1.0}, jpeg_double=0.25, jpeg_quality=[30, 95])
+    rng = random.Random(0)
+    draws = [draw(config, (0.0, 55.0), rng) for _ in range(2000)]
+    doubled = [params for _, params in draws if "requality" in params]
+    assert len(doubled) / len(draws) == pytest.approx(0.25, abs=0.03)
+    assert all(1 <= dy < 8 and 1 <= dx < 8 and 30 <= p["requality"] <= 95 for p in doubled for dy, dx in [p["shift"]])
+    # Without double JPEG a draw takes from the rng what it always took: the kind, sigma, quality.
+    rng, expected = random.Random(4), random.Random(4)
+    expected.choices(["jpeg"], weights=[1.0])
+    assert draw(DegradationConfig(mix={"jpeg": 1.0}), (0.0, 55.0), rng) == (
+        "jpeg", {"sigma": expected.uniform(3.0, 30.0), "quality": expected.randint(60, 95)})
+    assert rng.random() == expected.random()
+    with pytest.raises(ValueError, match="jpeg_double"):
+        DegradationConfig(jpeg_double=1.5)

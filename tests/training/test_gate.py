@@ -1,12 +1,17 @@
-"""Stage 3: the online label rule, which gate of the sweep ships, and settings refused before training."""
+"""Stage 3: the online label rule, which gate of the sweep ships, settings refused before training, and a gate
+over two profiles."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
-from training.config import GateStage, load_config
+from model.checkpoint import load_checkpoint
+from training.config import GateStage, ProfileStage, load_config
 from training.gate import choose_shipped, smallest_within, train_gate
+from training.tailor import tailor
 
 
 def test_label_rule_on_hand_made_psnrs():
@@ -59,3 +64,37 @@ def test_gate_settings_out_of_range_are_refused_before_anything_is_written(tmp_p
     with pytest.raises(ValueError, match=message):
         train_gate(load_config(GateStage, None, [*overrides, f"out_dir={tmp_path / 'gate'}"]))
     assert not (tmp_path / "gate").exists()
+
+
+def test_the_label_rule_takes_the_best_profile_as_its_reference():
+    # Two profiles of two widths each, costs [4, 1, 4, 1]: on the first sample the second profile is far better.
+    psnrs = torch.tensor([[25.0, 24.9, 30.0, 29.95], [30.0, 29.9, 27.0, 26.0]])
+    mflops = torch.tensor([4.0, 1.0, 4.0, 1.0])
+    assert smallest_within(psnrs, mflops, 0.1, widest=[0, 2]).tolist() == [3, 1]
+    assert smallest_within(psnrs, mflops, 0.01, widest=[0, 2]).tolist() == [2, 0]
+
+
+def test_the_gate_stage_gates_between_two_profiles_and_reports_the_profile_choice(three_stage_run, photo_dirs,
+                                                                                  tmp_path):
+    data = json.dumps({"train_dir": str(photo_dirs / "train"), "val_dir": str(photo_dirs / "val"), "val_crop": 32,
+                       "val_sigmas": [25], "val_degradations": ["jpeg30-awgn10"], "val_scales": [1.0]})
+    profile = tailor(load_config(ProfileStage, None, [
+        f"supernet={three_stage_run.tailored}", f"out_dir={tmp_path / 'compressed'}", "finetune_steps=2",
+        "finetune_crop=16", "finetune_batch=2", f"data={data}", "data.degradations.mix={jpeg: 1.0}"]))
+    profile_checkpoint = load_checkpoint(profile)
+    assert [s.profile for s in profile_checkpoint.subnets] == ["compressed"] * 4
+    assert profile_checkpoint.provenance["stages"]["profile"]["profile"] == "compressed"
+    gated = train_gate(load_config(GateStage, None, [
+        f"tailored={three_stage_run.tailored}", f"profiles.compressed={profile}", f"out_dir={tmp_path / 'gate'}",
+        "steps=2", "batch_size=2", "crop=16", "regret_weight=0.5", "gate.noise_stats=true", "save_dtype=float16",
+        "val_crop=24", f"data={data}", "data.degradations.mix={awgn: 1.0, jpeg: 1.0}"]))
+    checkpoint = load_checkpoint(gated)
+    assert checkpoint.profiles == ["white", "compressed"] and checkpoint.gate.config.num_subnets == 8
+    assert torch.equal(checkpoint.nets["compressed"].head.weight,
+                       profile_checkpoint.net.head.weight.half().float())  # stored in float16
+    report = json.loads((tmp_path / "gate" / "report.json").read_text())
+    shipped = report["shipped"]
+    assert report["rounding_loss_db"] >= 0 and shipped["profiles"] == ["white", "compressed"]
+    assert sum(map(sum, shipped["profile_confusion_right_by_pick"])) == 2  # one photo, two noises
+    assert set(shipped["by_sigma"]) == {"25", "jpeg30-awgn10"}
+    assert all("profile_accuracy" in row for row in shipped["by_sigma"].values())

@@ -33,27 +33,32 @@ def ddsnet_train(*arguments: str) -> subprocess.CompletedProcess:
                           cwd=Path(__file__).resolve().parents[2], timeout=600)
 
 
-def test_the_smoke_profile_runs_all_three_stages_then_the_static_baselines(photo_dirs, tmp_path):
+def test_the_smoke_profile_runs_every_stage_then_the_static_baselines(photo_dirs, tmp_path):
     out = tmp_path / "run"
     run = ddsnet_train("pipeline", "--profile", "smoke", "--photos", str(photo_dirs), "--out", str(out))
     assert run.returncode == 0, run.stderr[-2000:]
     gated = out / "gate" / "ddsnet.safetensors"
     assert run.stdout.strip().endswith(f"wrote {gated}")
     checkpoint = load_checkpoint(gated)
-    assert checkpoint.gate_trained and len(checkpoint.subnets) == 3  # the widest and the profile's 2 targets
+    # The widest and the profile's 2 targets, in each of the white and the compressed profile.
+    assert checkpoint.gate_trained and checkpoint.profiles == ["white", "compressed"]
+    assert [s.profile for s in checkpoint.subnets] == ["white"] * 3 + ["compressed"] * 3
+    assert [s.widths for s in checkpoint.subnets[:3]] == [s.widths for s in checkpoint.subnets[3:]]
+    assert checkpoint.gate.config.noise_stats and checkpoint.gate.config.num_subnets == 6
     assert checkpoint.provenance["recipe"] == "smoke"
     stages = checkpoint.provenance["stages"]
     assert stages["supernet"]["config"]["compute"]["workers"] == 2
     # The fine-tune was stopped at step 3 of 4 and closed there: its table and checkpoint are written.
     assert stages["tailor"]["steps"] == 3
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["seconds"]) == {"supernet", "tailor", "gate"}
+    assert set(summary["seconds"]) == {"supernet", "tailor", "profile", "gate"}
+    assert stages["profile"]["profile"] == "compressed" and stages["gate"]["profiles"] == ["white", "compressed"]
     assert {"25", "jpeg80-awgn15"} == set(summary["table"][0]["val_psnr"])
 
     run = ddsnet_train("pipeline", "--profile", "smoke", "--photos", str(photo_dirs), "--out", str(out), "--static")
     assert run.returncode == 0, run.stderr[-2000:]
     table = json.loads((out / "static" / "table.json").read_text())
-    assert [row["widths"] for row in table] == [list(s.widths) for s in checkpoint.subnets]
+    assert [row["widths"] for row in table] == [list(s.widths) for s in checkpoint.subnets[:3]]
     for index, row in enumerate(table):
         assert row["static_psnr"].keys() == row["shared_psnr"].keys() == {"25"}
         static = load_checkpoint(out / "static" / f"static-{index}.safetensors")

@@ -136,7 +136,8 @@ def test_gated_checkpoint_has_one_record_per_stage_the_recipe_and_no_local_path(
     # This tailor run has no fine-tune, so it reads no training photos and records no digest of them.
     assert stages["tailor"]["config"]["finetune_steps"] == 0
     assert set(stages["tailor"]) == common - {"train_sha256"} | {"source_tensors_sha256", "configurations", "resumes"}
-    assert set(stages["gate"]) == common | {"source_tensors_sha256", "delta_db", "val_accuracy"}
+    assert set(stages["gate"]) == common | {"source_tensors_sha256", "delta_db", "val_accuracy", "profiles"}
+    assert stages["gate"]["profiles"] == ["white"]
     # Each stage names the weights it started from by their digest, and the photos by theirs.
     assert stages["tailor"]["source_tensors_sha256"] == read_metadata(three_stage_run.supernet)["tensors_sha256"]
     assert stages["gate"]["source_tensors_sha256"] == read_metadata(three_stage_run.tailored)["tensors_sha256"]

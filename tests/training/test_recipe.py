@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from training.config import GateStage, SupernetStage, TailorStage, load_config
+from training.config import GateStage, ProfileStage, SupernetStage, TailorStage, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "training" / "recipes" / "ddsnet-color.sh"
-STAGES = {"supernet": SupernetStage, "tailor": TailorStage, "gate": GateStage}
-OUTPUTS = {"supernet": "supernet.safetensors", "tailor": "tailored.safetensors", "gate": "ddsnet.safetensors"}
+STAGES = {"supernet": SupernetStage, "tailor": TailorStage, "profile": ProfileStage, "gate": GateStage}
+OUTPUTS = {"supernet": "supernet.safetensors", "tailor": "tailored.safetensors", "profile": "tailored.safetensors",
+           "gate": "ddsnet.safetensors"}
 
 # Stands in for ddsnet-train: records its arguments and writes the file the stage would write.
 RECORDER = f"""#!{sys.executable}
@@ -56,6 +57,9 @@ def test_every_step_reads_an_earlier_steps_output_and_every_override_is_a_config
         load_config(STAGES[stage], ROOT / "training" / "configs" / f"{stage}.yaml", overrides)
         sets = dict(value.split("=", 1) for value in overrides)
         source = sets.get("init_from") or sets.get("supernet") or sets.get("tailored")
+        for name, path in sets.items():
+            if name.startswith("profiles."):
+                assert path in written, f"{stage} gates the profile {path}, which no earlier step wrote"
         if "--resume" in args:
             assert sets["out_dir"] in {str(Path(path).parent) for path in written}
         elif source:
@@ -65,6 +69,7 @@ def test_every_step_reads_an_earlier_steps_output_and_every_override_is_a_config
         written.add(str(Path(sets["out_dir"]) / OUTPUTS[stage]))
     assert [args[0] for args in calls].count("supernet") == 9  # 8 runs, one of them resumed once
     assert [args[0] for args in calls].count("tailor") == 19  # 18 runs, one of them resumed once
+    assert [args[0] for args in calls].count("profile") == 1
     assert calls[-1][0] == "gate" and result.stdout.strip().endswith(f"{tmp_path / 'run'}/gate/ddsnet.safetensors")
 
     # Run again: every step is done, nothing is trained twice.

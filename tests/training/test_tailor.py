@@ -85,7 +85,8 @@ def common_overrides(photo_dirs: Path) -> list[str]:
 def test_tailor_finetune_trains_only_the_found_configurations_and_records_before_and_after(photo_dirs, supernet,
                                                                                           tmp_path):
     common = common_overrides(photo_dirs)
-    plain = tailor(load_config(TailorStage, None, [f"supernet={supernet}", f"out_dir={tmp_path / 'plain'}", *common]))
+    plain = tailor(load_config(TailorStage, None, [f"supernet={supernet}", f"out_dir={tmp_path / 'plain'}", *common,
+                                                   "finetune_steps=0"]))
     tuned = tailor(load_config(TailorStage, None, [f"supernet={supernet}", f"out_dir={tmp_path / 'tuned'}",
                                                    "finetune_steps=3", "finetune_lr=0.01", *common]))
     assert not (tmp_path / "plain" / "table_before_finetune.json").exists()
@@ -155,7 +156,7 @@ def test_tailor_configs_gives_the_sub_networks_and_bad_lists_are_refused_before_
     full, was = mflops(widest), [mflops(middle), mflops(slimmest)]
     targets = [(was[0] + full) / 2 / full, (was[1] + was[0]) / 2 / full]
     refilled = run("refilled", "search=false", "refill=true", f"targets={json.dumps(targets)}",
-                   f"configs={json.dumps([widest, middle, slimmest])}")
+                   f"configs={json.dumps([widest, middle, slimmest])}", "finetune_steps=0")
     rows = [list(s.widths) for s in load_checkpoint(refilled).subnets]
     assert rows[0] == widest
     for i in (1, 2):

@@ -1,24 +1,32 @@
-"""The HTTP service against the tiny random checkpoint: routes, limits, metrics, batching, CLI equality."""
+"""The routes (service/routes.py) against the tiny random checkpoint: answers, limits, metrics, batching, CLI
+equality, and hostile uploads."""
 
 from __future__ import annotations
 
 import io
 import json
+import random
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from fastapi import HTTPException
+from fastapi.testclient import TestClient
 from PIL import Image
+from starlette.requests import Request
 
+from benchmarks.common import mutate, seed_files
+from model import Quality
 from service.app import build_app
 from service.backends import BACKENDS, installed
 from service.cli import main as cli_main
+from service.routes import denoise, denoise_upload, get_scheduler, latency_bound_refusal, result_headers, router
+from service.scheduler import ScheduledResult
 from service.settings import Settings
-from tests.service.conftest import metric_value, png_bytes
-
-
-def post(client, payload: bytes, name: str = "x.png", **params):
-    return client.post("/denoise", params=params, files={"file": (name, payload, "application/octet-stream")})
+from tests.service.conftest import MALFORMED_PNG, encoded, metric_value, png_bytes, post
 
 
 def test_denoise_returns_an_image_of_the_same_size_with_cost_headers(make_client, photo):
@@ -99,30 +107,6 @@ def test_gif_is_unsupported(make_client, photo):
     assert response.status_code == 415 and "GIF" in response.json()["detail"]
 
 
-def test_upload_over_the_limit_is_413_from_content_length(make_client, photo):
-    client, _ = make_client(max_upload_bytes=10_000)
-    response = post(client, png_bytes(photo))
-    assert response.status_code == 413 and "larger than" in response.json()["detail"]
-    metrics = client.get("/metrics").text
-    assert metric_value(metrics, "ddsnet_rejections_total", reason="upload_too_large") == 1
-
-
-def test_upload_over_the_limit_is_413_while_streaming(make_client, photo):
-    client, _ = make_client(max_upload_bytes=10_000)
-    body = png_bytes(photo)
-    boundary = "ddsnetboundary"
-    multipart = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
-                 f"Content-Type: image/png\r\n\r\n").encode() + body + f"\r\n--{boundary}--\r\n".encode()
-
-    def chunks():
-        for start in range(0, len(multipart), 4096):
-            yield multipart[start : start + 4096]
-
-    response = client.post("/denoise", content=chunks(),
-                           headers={"content-type": f"multipart/form-data; boundary={boundary}"})
-    assert response.status_code == 413
-
-
 def test_too_many_pixels_is_413_before_decoding(make_client, photo):
     client, _ = make_client(max_pixels=1000)
     response = post(client, png_bytes(photo))
@@ -153,14 +137,6 @@ def test_request_timeout_is_504_and_its_tiles_are_dropped(make_client, photo):
     metrics = client.get("/metrics").text
     assert metric_value(metrics, "ddsnet_dropped_tiles_total", reason="timeout") >= 1
     assert batches == []
-
-
-def test_api_key(make_client, photo):
-    client, _ = make_client(api_key="s3cret")
-    assert post(client, png_bytes(photo)).status_code == 401
-    response = client.post("/denoise", files={"file": ("x.png", png_bytes(photo))},
-                           headers={"Authorization": "Bearer s3cret"})
-    assert response.status_code == 200
 
 
 def test_health_ready_info_metrics_and_openapi(make_client, tiny_checkpoint):
@@ -238,12 +214,6 @@ def test_concurrent_mixed_requests_each_get_one_right_answer_and_batches_never_m
     assert sum(metric_value(metrics, "ddsnet_requests_total", quality=q, status="200") for q in set(qualities)) == 18
 
 
-def test_json_body_of_errors_is_json(make_client):
-    client, _ = make_client()
-    response = post(client, b"")
-    assert json.loads(response.content)["detail"]
-
-
 def test_the_browser_page_and_its_static_files_are_served(make_client, photo):
     client, _ = make_client()
     page = client.get("/")
@@ -254,3 +224,155 @@ def test_the_browser_page_and_its_static_files_are_served(make_client, photo):
     response = post(client, png_bytes(photo), quality="best")
     spent, widest = (float(response.headers[name]) for name in ("DDSNet-GFLOPs", "DDSNet-GFLOPs-Widest"))
     assert widest > 0 and spent >= widest  # best is the widest; its FLOPs and the gate-free widest's agree
+
+
+def test_at_most_max_decodes_uploads_are_decoded_at_once(make_client, photo, monkeypatch):
+    import service.routes
+
+    client, _ = make_client(max_decodes=1)
+    running, most = [0], [0]
+    original = service.routes.decode_image
+
+    def tracked(*args, **kwargs):
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        try:
+            time.sleep(0.02)
+            return original(*args, **kwargs)
+        finally:
+            running[0] -= 1
+
+    monkeypatch.setattr(service.routes, "decode_image", tracked)
+    with ThreadPoolExecutor(6) as pool:
+        statuses = list(pool.map(lambda _: post(client, png_bytes(photo), quality="fast").status_code, range(6)))
+    assert statuses == [200] * 6 and most[0] == 1
+
+
+def test_a_camera_jpeg_with_extra_images_is_denoised_from_its_first_frame(make_client, photo):
+    frames = [Image.fromarray(photo), Image.fromarray(photo[::2, ::2])]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "MPO", save_all=True, append_images=frames[1:])
+    client, _ = make_client()
+    response = post(client, buffer.getvalue(), "camera.jpg")
+    assert response.status_code == 200
+    with Image.open(io.BytesIO(response.content)) as result:
+        assert result.size == (photo.shape[1], photo.shape[0])
+
+
+def test_a_malformed_png_header_is_a_json_422(make_client):
+    client, _ = make_client()
+    response = post(client, MALFORMED_PNG)
+    assert response.status_code == 422 and response.headers["content-type"] == "application/json"
+    assert "IHDR" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("name,payload,status", [
+    ("int32.tif", encoded(np.arange(64 * 64, dtype=np.int32).reshape(64, 64) * 1000, "TIFF"), 415),
+    ("anim.png", None, 415),
+    ("anim.webp", None, 415),
+    ("pages.tif", None, 415),
+])
+def test_32_bit_and_multi_frame_images_are_refused_not_misread(make_client, name, payload, status):
+    if payload is None:
+        frames = [Image.fromarray(np.full((32, 32, 3), value, np.uint8)) for value in (0, 255)]
+        buffer = io.BytesIO()
+        fmt = {"png": "PNG", "webp": "WEBP", "tif": "TIFF"}[name.rsplit(".", 1)[1]]
+        frames[0].save(buffer, fmt, save_all=True, append_images=frames[1:])
+        payload = buffer.getvalue()
+    client, _ = make_client()
+    response = post(client, payload, name)
+    assert response.status_code == status, response.text
+    assert any(word in response.json()["detail"] for word in ("32-bit", "animated"))
+
+
+def test_info_names_no_local_path(make_client):
+    client, _ = make_client()
+    text = json.dumps(client.get("/info").json())
+    assert "/tmp" not in text and "runs/" not in text and str(Path.home()) not in text
+
+
+def test_a_few_hundred_mutated_uploads_never_get_a_5xx(make_client):
+    client, _ = make_client(max_pixels=4_000_000)
+    rng = random.Random(0)
+    seeds = seed_files()
+    statuses: dict[int, int] = {}
+    for _ in range(300):
+        name, data = rng.choice(seeds)
+        response = post(client, mutate(data, rng), name)
+        statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+        if response.status_code != 200:
+            assert response.headers["content-type"] == "application/json" and response.json()["detail"]
+    assert set(statuses) <= {200, 413, 415, 422}, statuses
+    assert statuses.get(422, 0) > 0
+
+
+def test_the_router_holds_every_route_and_the_denoise_handler_is_a_plain_function():
+    assert {route.path for route in router.routes} == {"/", "/healthz", "/readyz", "/info", "/metrics", "/denoise"}
+    assert callable(denoise) and callable(denoise_upload)
+
+
+def test_routes_that_need_the_model_answer_503_until_it_is_ready(tiny_checkpoint):
+    app = build_app(Settings(checkpoint=tiny_checkpoint))
+    with pytest.raises(HTTPException) as caught:
+        get_scheduler(Request({"type": "http", "app": app, "headers": []}))
+    assert caught.value.status_code == 503 and caught.value.headers == {"Retry-After": "1"}
+
+
+def test_a_latency_bound_applies_to_auto_only_and_within_the_target():
+    assert latency_bound_refusal(100, Quality.auto, 0.5) is None
+    assert "auto only; best is never changed" in latency_bound_refusal(100, Quality.best, 0.5)
+    assert "which is off" in latency_bound_refusal(100, Quality.auto, 0)
+    assert "at most the server's latency target, 500 ms" in latency_bound_refusal(900, Quality.auto, 0.5)
+
+
+def test_the_headers_say_what_ran_what_it_cost_and_what_the_gate_picked_only_when_it_picked():
+    result = ScheduledResult(torch.zeros(1, 3, 2, 2), 2, 3_000_000_000, 0.01234, 0.5, 6e9, 0, "load", "white",
+                             "gate")
+    assert result_headers(result, Quality.auto) == {
+        "DDSNet-Subnet": "2", "DDSNet-GFLOPs": "3.0000", "DDSNet-Queue-Ms": "12.3", "DDSNet-Compute-Ms": "500.0",
+        "DDSNet-GFLOPs-Widest": "6.0000", "DDSNet-Quality": "auto", "DDSNet-Reason": "load",
+        "DDSNet-Profile": "white", "DDSNet-Profile-Reason": "gate", "DDSNet-Gate-Subnet": "0"}
+    requested = ScheduledResult(torch.zeros(1, 3, 2, 2), 2, 1, 0.0, 0.0, 1, None, "requested")
+    assert "DDSNet-Gate-Subnet" not in result_headers(requested, Quality.fast)
+
+
+def test_two_profiles_the_noise_parameter_and_the_jpeg_header_decide_whose_weights_run(two_profile_checkpoint,
+                                                                                       photo, tmp_path):
+    settings = Settings(checkpoint=two_profile_checkpoint, tile=64, backend="torch")
+    with TestClient(build_app(settings)) as client:
+        png = png_bytes(photo)
+        jpeg = encoded(photo, "JPEG", quality=80)
+        asked = post(client, png, noise="compressed", quality="best")
+        assert asked.status_code == 200 and asked.headers["DDSNet-Profile"] == "compressed"
+        assert asked.headers["DDSNet-Profile-Reason"] == "requested" and asked.headers["DDSNet-Subnet"] == "3"
+        sent_as_jpeg = post(client, jpeg, "photo.jpg", quality="fast")
+        assert sent_as_jpeg.headers["DDSNet-Profile"] == "compressed"
+        assert sent_as_jpeg.headers["DDSNet-Profile-Reason"] == "jpeg_header"
+        assert sent_as_jpeg.headers["DDSNet-Subnet"] == "5"
+        gated = post(client, png)
+        assert gated.headers["DDSNet-Profile-Reason"] == "gate"
+        assert gated.headers["DDSNet-Profile"] in ("white", "compressed")
+        white = post(client, jpeg, "photo.jpg", noise="white", quality="best")
+        assert white.headers["DDSNet-Profile"] == "white" and white.headers["DDSNet-Subnet"] == "0"
+        assert np.asarray(Image.open(io.BytesIO(white.content))).tolist() != \
+            np.asarray(Image.open(io.BytesIO(post(client, jpeg, "photo.jpg", quality="best").content))).tolist()
+        bad = post(client, png, noise="night")
+        assert bad.status_code == 422 and "noise" in bad.json()["detail"]
+        info = client.get("/info").json()
+        assert info["profiles"] == ["white", "compressed"]
+        assert [row["profile"] for row in info["subnets"]] == ["white"] * 3 + ["compressed"] * 3
+        metrics = client.get("/metrics").text
+        assert 'ddsnet_profile_selections_total{profile="compressed",reason="jpeg_header"} 2.0' in metrics
+    # The CLI makes the same choice from the same file, and the same pixels.
+    source = tmp_path / "photo.jpg"
+    source.write_bytes(jpeg)
+    assert cli_main(["denoise", str(source), "-o", str(tmp_path / "out.png"), "--checkpoint", two_profile_checkpoint,
+                     "--quality", "fast", "--tile", "64", "--backend", "torch"]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png")),
+                          np.asarray(Image.open(io.BytesIO(sent_as_jpeg.content))))
+
+
+def test_a_profile_the_checkpoint_lacks_is_a_json_422(make_client, photo):
+    client, _ = make_client()
+    response = post(client, png_bytes(photo), noise="compressed")
+    assert response.status_code == 422 and "no compressed profile" in response.json()["detail"]

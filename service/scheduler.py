@@ -1,4 +1,4 @@
-"""The batching engine: tiles queued by sub-network width, batched, and run by one worker per device.
+"""The scheduler: tiles queued by sub-network width, batched, and run by one worker per device.
 
 A request's life: the gate picks a sub-network (on the worker), the image is cut into tiles that share
 window shapes with other images, the tiles join the queue of their (width, window shape), the scheduler
@@ -14,13 +14,13 @@ import ctypes.util
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-from model.inference import Denoiser, Quality
+from model.inference import Denoiser, Noise, Quality, WindowRuntime
 from model.tiling import TiledImage
 from service.controller import REASON_REQUESTED, Decision, LoadController
 from service.metrics import Metrics
@@ -56,6 +56,8 @@ class Job:
     received_at: float = 0.0  # when the upload arrived (time.perf_counter)
     gate_subnet: int | None = None  # what the gate picked (auto only)
     reason: str = REASON_REQUESTED  # why ``subnet`` runs: gate, load or requested
+    profile: str = ""  # the profile of ``subnet``
+    profile_reason: str = ""  # why that profile: requested, jpeg_header or gate
     first_batch_at: float | None = None
     compute_seconds: float = 0.0
     cancelled: bool = False
@@ -69,7 +71,7 @@ class TileWork:
 
 
 @dataclass(frozen=True)
-class EngineResult:
+class ScheduledResult:
     denoised: torch.Tensor
     subnet: int
     flops: int
@@ -78,24 +80,30 @@ class EngineResult:
     widest_flops: float = 0.0  # what the widest sub-network would have spent on the same tiles
     gate_subnet: int | None = None
     reason: str = REASON_REQUESTED
+    profile: str = ""
+    profile_reason: str = ""
 
 
-class Engine:
-    """Owns the model, the queues and the worker thread.
+class Scheduler:
+    """Owns the queues, the worker thread and the gate's lane; runs the model through its runtimes.
 
     Args:
         denoiser: the loaded model.
         metrics: where to count.
+        runtimes: sub-network index -> its compiled runtime (``service.backends.Runtimes``); the sliced
+            supernet runs when absent.
         max_batch_tiles, max_wait_ms, max_queue_tiles: batching and back-pressure limits.
         on_batch: called with ``(subnet, [the job of each tile])`` for every batch run (instrumentation).
         controller: gives up width for ``auto`` requests under load (off when absent).
     """
 
-    def __init__(self, denoiser: Denoiser, metrics: Metrics, max_batch_tiles: int = 4, max_wait_ms: float = 5.0,
-                 max_queue_tiles: int = 512, on_batch: Callable[[int, list[Job]], None] | None = None,
+    def __init__(self, denoiser: Denoiser, metrics: Metrics, runtimes: Mapping[int, WindowRuntime] | None = None,
+                 max_batch_tiles: int = 4, max_wait_ms: float = 5.0, max_queue_tiles: int = 512,
+                 on_batch: Callable[[int, list[Job]], None] | None = None,
                  controller: LoadController | None = None) -> None:
         self.denoiser = denoiser
         self.metrics = metrics
+        self.runtimes = runtimes
         self.max_batch_tiles = max_batch_tiles
         self.max_wait = max_wait_ms / 1000
         self.max_queue_tiles = max_queue_tiles
@@ -104,7 +112,8 @@ class Engine:
         self.queued_tiles = 0
         # Window pixels per sub-network, queued and running: the work the controller estimates a wait from.
         self.pending_pixels: dict[int, int] = dict.fromkeys(range(len(denoiser.subnets)), 0)
-        self.controller = controller or LoadController([s.mflops_per_pixel for s in denoiser.subnets], 0)
+        self.controller = controller or LoadController([s.mflops_per_pixel for s in denoiser.subnets], 0,
+                                                       profiles=[s.profile for s in denoiser.subnets])
         metrics.latency_target.set(self.controller.target)
         # Every downgrade a load can cause is a series from the start, so that the dashboard shows 0, not no data.
         widths = self.controller.by_width
@@ -117,18 +126,18 @@ class Engine:
         self.gate_lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddsnet-gate")
         self._ids = itertools.count()
         self._wakeup = asyncio.Event()
-        self._scheduler: asyncio.Task | None = None
+        self._task: asyncio.Task | None = None
         for subnet in range(len(denoiser.subnets)):
             metrics.queue_tiles.labels(str(subnet)).set(0)
 
     def start(self) -> None:
-        self._scheduler = asyncio.get_running_loop().create_task(self._schedule(), name="ddsnet-scheduler")
+        self._task = asyncio.get_running_loop().create_task(self._schedule(), name="ddsnet-scheduler")
 
     async def stop(self) -> None:
-        if self._scheduler:
-            self._scheduler.cancel()
+        if self._task:
+            self._task.cancel()
             try:
-                await self._scheduler
+                await self._task
             except asyncio.CancelledError:
                 pass
         self.worker.shutdown(wait=True)
@@ -137,27 +146,34 @@ class Engine:
     async def run_on_worker(self, function: Callable, *args):
         return await asyncio.get_running_loop().run_in_executor(self.worker, function, *args)
 
+    def run_windows(self, windows: torch.Tensor, index: int) -> torch.Tensor:
+        """Sub-network ``index`` on ``(B, 3, h, w)`` windows, through its runtime (built here on first use)."""
+        runtime = None if self.runtimes is None else self.runtimes[index]
+        return self.denoiser.run_windows(windows, index, runtime)
+
     async def warm_up(self) -> None:
-        """Build every sub-network's engine and run the gate once, so the first request pays no start-up cost;
+        """Build every sub-network's runtime and run the gate once, so the first request pays no start-up cost;
         then time each sub-network on one window, so the controller knows the widths' speeds from the start."""
         sample = torch.rand(1, 3, 64, 64)
         await asyncio.get_running_loop().run_in_executor(self.gate_lane, self.denoiser.select, sample, Quality.auto)
         side = min(256, self.denoiser.tile)
         window = torch.rand(1, 3, side, side)
         for index in range(len(self.denoiser.subnets)):
-            await self.run_on_worker(self.denoiser.run_windows, sample, index)
-            await self.run_on_worker(self.denoiser.run_windows, window, index)  # a new shape compiles once
+            await self.run_on_worker(self.run_windows, sample, index)
+            await self.run_on_worker(self.run_windows, window, index)  # a new shape compiles once
             started = time.perf_counter()
-            await self.run_on_worker(self.denoiser.run_windows, window, index)
+            await self.run_on_worker(self.run_windows, window, index)
             self.controller.observe(index, side * side, time.perf_counter() - started)
 
     async def submit(self, noisy: torch.Tensor, quality: Quality, received_at: float | None = None,
-                     max_latency_seconds: float | None = None) -> Job:
+                     max_latency_seconds: float | None = None, noise: Noise = Noise.auto,
+                     jpeg_quality: int | None = None) -> Job:
         """Select a sub-network and queue the image's tiles; await ``job.future`` for the result.
 
         ``received_at`` (``time.perf_counter()``; default: now) is when the upload arrived: the result's
         ``queue_seconds`` counts from it, decode and gate included. For ``auto``, the controller may give up
-        width to the load (within ``max_latency_seconds`` when given); all of a request's tiles run at one width.
+        width to the load (within ``max_latency_seconds`` when given), never leaving the profile chosen (by
+        ``noise``, the upload's ``jpeg_quality`` or the gate); all of a request's tiles run at one sub-network.
 
         Raises:
             QueueFull: the tiles would overflow ``max_queue_tiles``.
@@ -165,11 +181,12 @@ class Engine:
         image = self.denoiser.split(noisy)
         if self.queued_tiles + len(image.tiles) > self.max_queue_tiles:
             raise QueueFull(f"{self.queued_tiles} tiles queued; this image needs {len(image.tiles)} more")
-        picked, gate_macs = await asyncio.get_running_loop().run_in_executor(
-            self.gate_lane, self.denoiser.select, noisy, quality)
+        chosen = await asyncio.get_running_loop().run_in_executor(
+            self.gate_lane, self.denoiser.select, noisy, quality, noise, jpeg_quality)
+        picked, gate_macs = chosen.index, chosen.gate_macs
         if self.queued_tiles + len(image.tiles) > self.max_queue_tiles:
             raise QueueFull(f"{self.queued_tiles} tiles queued; this image needs {len(image.tiles)} more")
-        if Quality(quality) is Quality.auto:
+        if quality is Quality.auto:
             pixels = sum(tile.shape[0] * tile.shape[1] for tile in image.tiles)
             decision = self.controller.choose(picked, pixels, self.pending_pixels, max_latency_seconds)
             if decision.subnet != picked:
@@ -180,7 +197,8 @@ class Engine:
         now = time.perf_counter()
         job = Job(next(self._ids), image, subnet, asyncio.get_running_loop().create_future(), len(image.tiles), now,
                   gate_flops=2 * gate_macs, received_at=now if received_at is None else received_at,
-                  gate_subnet=decision.gate_subnet, reason=decision.reason)
+                  gate_subnet=decision.gate_subnet, reason=decision.reason, profile=chosen.profile,
+                  profile_reason=chosen.profile_reason)
         for index, tile in enumerate(image.tiles):
             self.queues.setdefault((subnet, tile.shape), deque()).append(TileWork(job, index, now))
             self.pending_pixels[subnet] += tile.shape[0] * tile.shape[1]
@@ -294,8 +312,8 @@ class Engine:
         run one at a time, which costs nothing there, and a window whose request was cancelled meanwhile (a
         timeout, a client gone) is skipped: its output is ``None``."""
         if self.denoiser.device.type != "cpu":
-            return list(self.denoiser.run_windows(torch.cat(windows), subnet).cpu().split(1))
-        return [None if job.cancelled else self.denoiser.run_windows(window, subnet).cpu()
+            return list(self.run_windows(torch.cat(windows), subnet).cpu().split(1))
+        return [None if job.cancelled else self.run_windows(window, subnet).cpu()
                 for window, job in zip(windows, jobs)]
 
     def _finish(self, job: Job) -> None:
@@ -305,5 +323,6 @@ class Engine:
         self.metrics.flops_widest.inc(job.widest_flops)
         self.metrics.pixels.inc(job.image.height * job.image.width)
         queue_seconds = (job.first_batch_at or job.enqueued_at) - job.received_at
-        job.future.set_result(EngineResult(job.image.result(), job.subnet, flops, queue_seconds, job.compute_seconds,
-                                           job.widest_flops, job.gate_subnet, job.reason))
+        job.future.set_result(ScheduledResult(job.image.result(), job.subnet, flops, queue_seconds,
+                                              job.compute_seconds, job.widest_flops, job.gate_subnet, job.reason,
+                                              job.profile, job.profile_reason))

@@ -1,0 +1,148 @@
+"""The noise profiles: a checkpoint with profiles against the shipped one and FFDNet, on every noise, and the
+profile the gate or a JPEG file's header chooses.
+
+    .venv/bin/python -m benchmarks.profiles --candidate PATH [--shipped PATH] [--images DIR]
+
+On the validation photos (default ``../shared/data/photos/val-texture``), at AWGN sigma 15, 25, 50 and every
+named degradation of ``training.degradations.EVAL_DEGRADATIONS``, fixed seeds, 8-bit. Per noise:
+
+- ``auto`` and ``best`` of the candidate with the pixels sent losslessly (a PNG), and for the JPEG kinds also
+  ``auto`` as a phone sends it, a ``.jpg`` file whose header gives its quality;
+- ``best`` of each of the candidate's profiles, so that the profile the gate should pick is known (the one
+  whose widest does better), and how often the gate picks it;
+- ``auto`` and ``best`` of the shipped checkpoint;
+- FFDNet, given the true sigma for AWGN and the noise's RMS otherwise.
+
+Targets (``benchmarks.targets``): ``auto`` at least FFDNet's PSNR on every noise but AWGN; on AWGN, ``auto``
+and ``best`` at most ``AWGN_MAX_DROP_DB`` under the shipped checkpoint; the profile right on at least
+``PROFILE_MIN_ACCURACY`` of the photos of each noise. Writes ``benchmarks/results/profiles.json``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from benchmarks import targets
+from benchmarks.common import argument_parser, command_line, print_targets, write_report
+from benchmarks.quality import ffdnet_model
+from model import DEFAULT_CHECKPOINT, Denoiser, Quality, load_checkpoint
+from model.metrics import psnr
+from training.data import fixed_noisy_set, pair_label
+from training.degradations import EVAL_DEGRADATIONS, EVAL_SIGMAS, noise_rms
+from training.provenance import machine
+
+JPEG_KINDS = ("jpeg", "poisson_jpeg")
+
+
+def file_quality(key: float | str) -> int | None:
+    """The quality a JPEG file of this noise would carry in its header (the last compression's); None when
+    the noise is not a JPEG."""
+    if isinstance(key, float) or EVAL_DEGRADATIONS[key][0] not in JPEG_KINDS:
+        return None
+    params = EVAL_DEGRADATIONS[key][1]
+    return int(params.get("requality", params["quality"]))
+
+
+@torch.inference_mode()
+def measure_pair(candidate: Denoiser, shipped: Denoiser, ffdnet, key, clean: torch.Tensor, noisy: torch.Tensor
+                 ) -> dict:
+    """Every measurement of one noisy photo (PSNRs in dB, and the profiles chosen)."""
+    def quality_of(denoiser: Denoiser, index: int) -> float:
+        return psnr(denoiser.run(noisy, index)[0], clean).item()
+
+    row: dict = {}
+    widest = {name: quality_of(candidate, candidate.best_of(name)) for name in candidate.profiles}
+    row["best by profile"] = widest
+    row["right profile"] = max(widest, key=widest.get)
+    auto = candidate.select(noisy, Quality.auto)
+    row["auto"], row["auto profile"] = quality_of(candidate, auto.index), auto.profile
+    row["best"] = widest[auto.profile]
+    jpeg_quality = file_quality(key)
+    if jpeg_quality is not None:
+        sent = candidate.select(noisy, Quality.auto, jpeg_quality=jpeg_quality)
+        row["auto as .jpg"], row["auto as .jpg profile"] = quality_of(candidate, sent.index), sent.profile
+    row["shipped auto"] = quality_of(shipped, shipped.select(noisy, Quality.auto).index)
+    row["shipped best"] = quality_of(shipped, shipped.best_index)
+    sigma = key if isinstance(key, float) else noise_rms(noisy, clean)
+    row["FFDNet"] = psnr(ffdnet(noisy, torch.tensor([sigma / 255.0])), clean).item()
+    row["noisy"] = psnr(noisy, clean).item()
+    return row
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Means over the photos of one noise, and the shares of the profile choices."""
+    summary = {name: round(float(np.mean([r[name] for r in rows])), 4)
+               for name in ("auto", "best", "auto as .jpg", "shipped auto", "shipped best", "FFDNet", "noisy")
+               if name in rows[0]}
+    for name in rows[0]["best by profile"]:
+        summary[f"best ({name})"] = round(float(np.mean([r["best by profile"][name] for r in rows])), 4)
+    summary["profile right"] = round(float(np.mean([r["auto profile"] == r["right profile"] for r in rows])), 4)
+    profiles = list(rows[0]["best by profile"])
+    summary["auto profiles"] = {name: sum(r["auto profile"] == name for r in rows) for name in profiles}
+    if "auto as .jpg profile" in rows[0]:
+        summary["auto as .jpg profiles"] = {name: sum(r["auto as .jpg profile"] == name for r in rows)
+                                            for name in profiles}
+    summary["auto - FFDNet"] = round(summary["auto"] - summary["FFDNet"], 4)
+    summary["auto - shipped auto"] = round(summary["auto"] - summary["shipped auto"], 4)
+    summary["best - shipped best"] = round(summary["best"] - summary["shipped best"], 4)
+    return summary
+
+
+def check(noise: str, row: dict) -> dict[str, dict]:
+    """The targets one noise's row is held to, as ``print_targets`` takes them: name -> value, bar, met."""
+    checks = {f"{noise} profile right": {"value": row["profile right"], "bar": targets.PROFILE_MIN_ACCURACY}}
+    if noise in EVAL_DEGRADATIONS and EVAL_DEGRADATIONS[noise][0] != "awgn":
+        bar = targets.AUTO_MIN_GAIN_OVER_FFDNET_RMS_DB
+        checks[f"{noise} auto - FFDNet (dB)"] = {"value": row["auto - FFDNet"], "bar": bar}
+        if "auto as .jpg" in row:
+            checks[f"{noise} sent as .jpg, auto - FFDNet (dB)"] = {
+                "value": round(row["auto as .jpg"] - row["FFDNet"], 4), "bar": bar}
+    else:
+        for method in ("auto", "best"):
+            checks[f"{noise} {method} - shipped {method} (dB)"] = {"value": row[f"{method} - shipped {method}"],
+                                                                   "bar": -targets.AWGN_MAX_DROP_DB}
+    for entry in checks.values():
+        entry["met"] = entry["value"] >= entry["bar"]
+    return checks
+
+
+def main() -> int:
+    parser = argument_parser(__doc__)
+    parser.add_argument("--candidate", required=True, help="a checkpoint with profiles")
+    parser.add_argument("--shipped", default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--images", default="../shared/data/photos/val-texture")
+    parser.add_argument("--sigma", type=float, nargs="+", default=list(EVAL_SIGMAS), help="AWGN sigmas")
+    parser.add_argument("--degradations", nargs="*", default=[n for n, (k, _) in EVAL_DEGRADATIONS.items()
+                                                              if k != "awgn"], choices=list(EVAL_DEGRADATIONS))
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--out", default="benchmarks/results/profiles.json")
+    args = parser.parse_args()
+
+    candidate = Denoiser(load_checkpoint(args.candidate))
+    shipped = Denoiser(load_checkpoint(args.shipped))
+    ffdnet = ffdnet_model()
+    started = time.perf_counter()
+    pairs = fixed_noisy_set(args.images, args.sigma, args.seed, degradations=args.degradations)
+    by_noise: dict[str, list[dict]] = {}
+    for _, key, clean, noisy in pairs:
+        by_noise.setdefault(pair_label(key), []).append(measure_pair(candidate, shipped, ffdnet, key, clean, noisy))
+    results = {noise: summarize(rows) for noise, rows in by_noise.items()}
+    checks = {name: entry for noise, row in results.items() for name, entry in check(noise, row).items()}
+    for noise, row in results.items():
+        print(f"{noise}: " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+    print_targets(checks)
+    write_report(args.out, {
+        "command": command_line(), "candidate": args.candidate, "shipped": args.shipped, "images": args.images,
+        "seed": args.seed, "photos": len({name for name, _, _, _ in pairs}), "machine": machine(),
+        "seconds": round(time.perf_counter() - started, 1), "profiles": candidate.profiles,
+        "noise": {name: "awgn" if name not in EVAL_DEGRADATIONS else EVAL_DEGRADATIONS[name] for name in results},
+        "results": results, "targets": checks,
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,32 @@
+"""Settings (service/settings.py): read from ``DDSNET_*``, each value checked when the service starts."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from service.settings import Settings
+
+
+def test_settings_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("DDSNET_MAX_BATCH_TILES", "8")
+    monkeypatch.setenv("DDSNET_BACKEND", "torch")
+    monkeypatch.setenv("DDSNET_PROTECT_OPERATIONS", "true")
+    settings = Settings()
+    assert settings.max_batch_tiles == 8 and settings.backend == "torch" and settings.protect_operations
+
+
+def test_an_empty_api_key_means_none_and_a_key_with_spaces_is_refused():
+    assert Settings(api_key="").api_key is None
+    with pytest.raises(ValidationError, match="printable ASCII"):
+        Settings(api_key="two words")
+
+
+def test_an_unknown_backend_is_refused():
+    with pytest.raises(ValidationError, match="backend must be one of auto, torch, onnxruntime, openvino"):
+        Settings(backend="tensorrt")
+
+
+def test_a_tile_below_the_smallest_window_is_refused():
+    with pytest.raises(ValidationError):
+        Settings(tile=0)
