@@ -31,12 +31,6 @@ long_crops=(--set finetune_crop=192 --set finetune_batch=4 "${photo_crops[@]}")
 stage1_late=(--set steps=1100 --set lr=0.0002 --set warmup_steps=30 --set 'crop_schedule=[[0,160,6],[0.5,192,4]]'
              "${photo_crops[@]}" --set val_every=200)
 
-two_profile_gate=(--set steps=150 --set crop=128 --set regret_weight=0.5 --set save_dtype=float16 --set gate.noise_stats=true --set val_crop=256
-  --set 'data.degradations.mix={awgn: 0.3, poisson_gaussian: 0.1, variant: 0.1, jpeg: 0.3, poisson_jpeg: 0.1, downscale: 0.1}'
-  --set 'data.degradations.jpeg_sigma=[0,30]' --set 'data.degradations.jpeg_quality=[30,95]'
-  --set data.degradations.jpeg_double=0.3
-  --set 'data.val_degradations=[poisson40,ramp5-40,jpeg80-awgn15,jpeg30-awgn10,jpeg60-awgn10,jpeg95-awgn10,jpeg90x75-awgn10,poisson40-jpeg80,down0.7-awgn30]')
-
 # Each step writes RUN_DIR/NAME/.done when it finishes; a step with that file is skipped.
 done_or_run() {
   local name=$1; shift
@@ -118,11 +112,5 @@ tailor tailor21 tailor20/tailored.safetensors --set search=false --set finetune_
   --set seed=23
 tailor tailor22 tailor21/tailored.safetensors --set search=false --set refill=true --set finetune_steps=0 \
   --set seed=24
-# The compressed profile: tailor22's weights fine-tuned on JPEG-compressed, sensor and downscaled noise, on its
-# five sub-networks (training/config.py, ProfileStage).
-done_or_run compressed "$train" profile "${common[@]}" --set "supernet=$run/tailor22/tailored.safetensors" \
-  --set "out_dir=$run/compressed"
-# One gate over both profiles' ten sub-networks, the weights stored in float16.
-done_or_run gate "$train" gate "${common[@]}" --set "tailored=$run/tailor22/tailored.safetensors" \
-  --set "profiles.compressed=$run/compressed/tailored.safetensors" --set "out_dir=$run/gate" "${two_profile_gate[@]}"
+done_or_run gate "$train" gate "${common[@]}" --set "tailored=$run/tailor22/tailored.safetensors" --set "out_dir=$run/gate"
 echo "recipe done: $run/gate/ddsnet.safetensors"
