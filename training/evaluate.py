@@ -50,15 +50,15 @@ def noisy_pairs(images: str, sigmas: list[float], seed: int, degradations: tuple
 
 
 @torch.inference_mode()
-def measure_denoiser(denoiser: Denoiser, pairs: list, jpeg_quality: int | None = None) -> dict[str, dict[str, dict]]:
+def measure_denoiser(denoiser: Denoiser, pairs: list) -> dict[str, dict[str, dict]]:
     """Per noise and method (``auto``, ``fast``, ``best``, ``subnet_k``): PSNR, MFLOPs/pixel, images/s.
 
     Noises are labelled as :func:`training.data.pair_label` does (``"25"``, ``"jpeg80-awgn15"``); each
     also gets ``noisy`` (the input's PSNR and its noise RMS on the 0-255 scale).
 
     Every sub-network runs on every image once; ``auto`` is the gate's pick among those runs, its time the
-    gate's time plus that run's, and its FLOPs the gate's plus that run's. ``jpeg_quality`` is what a JPEG
-    file's header would say of the inputs (see ``Denoiser.select``): None for pixels sent losslessly.
+    gate's time plus that run's, and its FLOPs the gate's plus that run's. The inputs count as sent
+    losslessly (no JPEG header to read).
     """
     rows: dict[str, dict[str, list]] = {}
     inputs: dict[str, dict[str, list]] = {}
@@ -74,7 +74,7 @@ def measure_denoiser(denoiser: Denoiser, pairs: list, jpeg_quality: int | None =
             denoised, macs = denoiser.run(noisy, index)
             runs.append((psnr(denoised, clean).item(), 2 * macs / pixels / 1e6, time.perf_counter() - started))
         started = time.perf_counter()
-        chosen = denoiser.select(noisy, Quality.auto, jpeg_quality=jpeg_quality)
+        chosen = denoiser.select(noisy, Quality.auto)
         gate_seconds = time.perf_counter() - started
         pick = chosen.index
         psnr_auto, mflops_auto, seconds_auto = runs[pick]
