@@ -119,6 +119,9 @@ def check_document(document) -> None:
         _integers(gate_config["features"], "gate.config.features", 1, MAX_CHANNELS, 3, 3)
     if not isinstance(gate_config.get("noise_stats", False), bool):
         raise CheckpointError("gate.config.noise_stats must be true or false")
+    if gate_config.get("profiles"):
+        _integers(gate_config["profiles"], "gate.config.profiles", 0, len(profiles) - 1,
+                  gate_config.get("num_subnets", 4), gate_config.get("num_subnets", 4))
     if not isinstance(gate.get("trained", False), bool):
         raise CheckpointError("gate.trained must be true or false")
     subnets = document.get("subnets")
@@ -136,6 +139,9 @@ def check_document(document) -> None:
             raise CheckpointError(f"subnets[{index}].val_psnr must be an object of at most {MAX_TABLE_ENTRIES} entries")
         for key, value in table.items():
             _number(value, f"subnets[{index}].val_psnr[{key!r:.40}]")
+    if gate_config.get("profiles") and gate_config["profiles"] != [
+            profiles.index(row.get("profile", profiles[0])) for row in subnets]:
+        raise CheckpointError("gate.config.profiles must give the profile of each row of subnets, in order")
     provenance = document.get("provenance", {})
     if not isinstance(provenance, dict) or len(json.dumps(provenance)) > MAX_PROVENANCE_BYTES:
         raise CheckpointError(f"provenance must be a JSON object of at most {MAX_PROVENANCE_BYTES} bytes")

@@ -45,10 +45,13 @@ def gate_macs(config: GateConfig, height: int, width: int) -> int:
     macs = 16 * config.in_channels * f1 * (height // 4) * (width // 4)
     macs += 9 * f1 * f2 * (height // 8) * (width // 8)
     macs += 9 * f2 * f3 * (height // 16) * (width // 16)
-    if config.noise_stats:
-        # Luma (3), the 3x3 mean (9), the residual's energy and four lagged products (5), two steps (2) per
-        # pixel: counted as MACs although most are adds.
-        macs += 19 * height * width
+    if config.reads_stats:
+        # Per pixel: luma (3), its residual (10), the residual's energy and four lagged products (5), two steps
+        # (2), the three channels' residuals (30), the colour energy (6), the half-resolution mean and residual
+        # (4), the red-green products (3). Counted as MACs although most are adds.
+        macs += 63 * height * width
     fc_inputs = 2 * f3 + (NUM_STATS if config.noise_stats else 0)
     macs += fc_inputs * config.hidden + config.hidden * config.num_subnets
+    if config.profiles:
+        macs += NUM_STATS * config.hidden + config.hidden * config.num_profiles
     return macs

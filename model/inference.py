@@ -15,7 +15,7 @@ import torch
 
 from model.checkpoint import Checkpoint
 from model.flops import gate_macs, supernet_macs
-from model.gate import Gate
+from model.gate import Gate, choose
 from model.supernet import SlimUNet
 from model.tiling import DEFAULT_TILE, TiledImage, default_margin
 
@@ -94,6 +94,7 @@ class Denoiser:
         self.subnets = checkpoint.subnets
         self.gate_trained = checkpoint.gate_trained
         self.provenance = checkpoint.provenance
+        self.tensors_sha256 = checkpoint.tensors_sha256  # which weights: "" for a checkpoint never saved
         if tile < self.net.config.size_multiple or tile % self.net.config.size_multiple:
             raise ValueError(f"tile {tile} must be a positive multiple of {self.net.config.size_multiple}")
         self.tile = tile
@@ -135,8 +136,9 @@ class Denoiser:
 
         The profile is the one ``noise`` names; else, for an upload that was a JPEG file of at most
         :data:`JPEG_HINT_MAX_QUALITY` (``jpeg_quality``, from its header), the compressed profile; else the
-        profile of the gate's pick. Within the profile, ``auto`` takes the gate's best-scored sub-network,
-        ``best`` the widest and ``fast`` the slimmest. The gate runs only where it decides something.
+        profile that the gate gives the most probability in all (:func:`model.gate.choose`). Within the
+        profile, ``auto`` takes the gate's best-scored sub-network, ``best`` the widest and ``fast`` the
+        slimmest. The gate runs only where it decides something.
         """
         self.check_noise(noise)
         profile, reason = None, PROFILE_GATE
@@ -153,7 +155,8 @@ class Denoiser:
         logits = self.gate(noisy.to(self.device))[0]
         macs = gate_macs(self.gate.config, *noisy.shape[-2:])
         if profile is None:
-            profile = self.subnets[int(logits.argmax())].profile
+            groups = [self.rows[name] for name in self.profiles]
+            profile = self.subnets[int(choose(logits[None], groups)[0])].profile
         if quality is Quality.best:
             return Selection(self.best_of(profile), macs, profile, reason)
         if quality is Quality.fast:

@@ -46,13 +46,24 @@ def tiny_checkpoint(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def two_profile_checkpoint(tmp_path_factory) -> str:
     """A gated checkpoint with a white and a compressed profile (other random weights), three sub-networks
-    each, the weights stored in float16, and a gate that reads the noise statistics."""
+    each, the weights stored in float16, and a gate that reads the noise statistics and decides the profile
+    with a head of its own."""
     white, compressed = randomize(SlimUNet(TINY)), randomize(SlimUNet(TINY), seed=5)
     rows = tiny_subnets(white)
     subnets = rows + [Subnet(s.widths, s.mflops_per_pixel, s.val_psnr, "compressed") for s in rows]
     torch.manual_seed(2)
-    gate = Gate(GateConfig(num_subnets=6, noise_stats=True))
+    gate = Gate(GateConfig(num_subnets=6, noise_stats=True, profiles=(0, 0, 0, 1, 1, 1)))
     path = tmp_path_factory.mktemp("ckpt") / "two-profiles.safetensors"
     save_checkpoint(path, {"white": white, "compressed": compressed}, gate, subnets, gate_trained=False,
                     provenance={"made_by": "tests"}, dtype=torch.float16)
     return str(path)
+
+
+@pytest.fixture(autouse=True)
+def engine_cache_home(tmp_path, monkeypatch):
+    """Each test's engine cache (``$XDG_CACHE_HOME/ddsnet``) is its own and starts empty: none touches the
+    user's, and none finds another test's engines."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    monkeypatch.delenv("DDSNET_CACHE", raising=False)
+    monkeypatch.delenv("DDSNET_CACHE_DIR", raising=False)
+    return tmp_path / "xdg-cache" / "ddsnet"

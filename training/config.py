@@ -216,6 +216,9 @@ class GateStage(RunOptions):
     cost_weight: float = 0.0
     # The weight of the expected PSNR given up (dB) in the loss: a wrong choice counts by what it costs.
     regret_weight: float = 0.0
+    # Each step also trains the gates again on this many labelled batches of earlier steps (kept, the last
+    # 64): the labels cost K sub-networks a batch, a gate update almost nothing.
+    replay: int = 0
     # The keys of ``model.gate.GateConfig`` (its ``num_subnets`` is the table's length).
     gate: dict = field(default_factory=dict)
     # More profiles to gate between: name -> a profile stage's checkpoint (``ddsnet-train profile``), whose

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from tqdm import tqdm
 
 from model.checkpoint import Checkpoint, Subnet, load_checkpoint, save_checkpoint
 from model.flops import gate_macs
-from model.gate import Gate, GateConfig
+from model.gate import Gate, GateConfig, choose
 from model.metrics import psnr
 from model.supernet import SlimUNet
 from model.tiling import denoise_whole
@@ -71,6 +73,7 @@ class Choices:
         self.profiles = list(self.nets)
         self.mflops = torch.tensor([s.mflops_per_pixel for s in self.subnets])
         self.profile_of = torch.tensor([self.profiles.index(s.profile) for s in self.subnets])
+        self.groups = [[i for i, s in enumerate(self.subnets) if s.profile == name] for name in self.profiles]
 
         def extreme(pick, name: str) -> int:
             rows = [i for i, s in enumerate(self.subnets) if s.profile == name]
@@ -129,7 +132,7 @@ def _report(gate: Gate, table: torch.Tensor, noisies: list, choices: Choices, de
     gate.eval()
     device = next(gate.parameters()).device
     with torch.inference_mode():
-        picks = torch.tensor([int(gate(noisy.to(device)).argmax()) for noisy in noisies])
+        picks = torch.tensor([int(choose(gate(noisy.to(device)), choices.groups)[0]) for noisy in noisies])
     mflops = choices.mflops
     labels = smallest_within(table, mflops, delta, choices.widest)
     k = len(mflops)
@@ -221,43 +224,87 @@ def check_settings(config: GateStage) -> None:
         raise ValueError(f"save_dtype must be one of {', '.join(SAVE_DTYPES)}, not {config.save_dtype!r}")
 
 
+REPLAY_KEPT = 64  # labelled batches kept for ``replay``
+
+
+def profile_targets(psnrs: torch.Tensor, choices: Choices) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample: the profile whose widest does best (an index into ``choices.profiles``), and what choosing
+    the worst profile instead would give up, in dB."""
+    widest = psnrs[:, choices.widest]
+    return widest.argmax(dim=1), widest.amax(dim=1) - widest.amin(dim=1)
+
+
+def gate_loss(logits: torch.Tensor, psnrs: torch.Tensor, choices: Choices, delta: float,
+              config: GateStage) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of one gate on a labelled batch, and the labels it was trained towards.
+
+    One profile: cross-entropy to the label (:func:`smallest_within`). Several: the decision is split as
+    :func:`model.gate.choose` splits it. The profile's total probability is trained towards the profile whose
+    widest does best, each sample weighed by 1 + the dB that the wrong profile would cost (JPEG noise sent to
+    the white profile costs several dB, white noise sent to the compressed one a fraction); the widths within
+    that profile towards its own label. Then ``cost_weight`` times the expected relative FLOPs and
+    ``regret_weight`` times the expected PSNR given up against the best widest (dB).
+    """
+    cost = choices.mflops.to(psnrs.device)
+    if len(choices.profiles) == 1:
+        labels = smallest_within(psnrs, cost, delta, choices.widest)
+        loss = F.cross_entropy(logits, labels)
+    else:
+        right, stakes = profile_targets(psnrs, choices)
+        totals = torch.stack([logits[:, rows].logsumexp(dim=1) for rows in choices.groups], dim=1)
+        loss = (F.cross_entropy(totals, right, reduction="none") * (1 + stakes)).mean()
+        labels = torch.empty_like(right)
+        for group, rows in enumerate(choices.groups):
+            mine = right == group
+            if mine.any():
+                within = smallest_within(psnrs[mine][:, rows], cost[rows], delta)
+                labels[mine] = torch.tensor(rows, device=psnrs.device)[within]
+                loss = loss + F.cross_entropy(logits[mine][:, rows], within, reduction="sum") / len(right)
+    if config.cost_weight:
+        loss = loss + config.cost_weight * (logits.softmax(dim=1) @ (cost / cost.max())).mean()
+    if config.regret_weight:
+        regret = (psnrs[:, choices.widest].amax(dim=1, keepdim=True) - psnrs).clamp_min(0)
+        loss = loss + config.regret_weight * (logits.softmax(dim=1) * regret).sum(dim=1).mean()
+    return loss, labels
+
+
 def train_gates(config: GateStage, choices: Choices, compute: Compute, log: JsonLog, started: float
                 ) -> dict[float, Gate]:
-    """One gate per delta of the sweep, trained together on the same online PSNRs of every sub-network.
-
-    The loss is the cross-entropy to the label (:func:`smallest_within`), plus ``cost_weight`` times the
-    expected relative FLOPs and ``regret_weight`` times the expected PSNR given up against the best widest
-    (in dB): the regret weighs each wrong choice by what it costs, so that sending JPEG noise to the white
-    profile (several dB) counts far more than a width too narrow (hundredths).
-    """
-    cost = choices.mflops.to(compute.device)  # the labels' costs, next to the PSNRs they are chosen from
-    relative_cost = cost / cost.max()
+    """One gate per delta of the sweep, trained together on the same online PSNRs of every sub-network
+    (:func:`gate_loss`), each step on the new batch and then on ``config.replay`` batches of earlier steps."""
     torch.manual_seed(config.seed)
     deltas = sorted(set(config.delta_sweep) | ({config.delta_db} if config.delta_db != "auto" else set()))
-    gate_config = GateConfig.from_dict({**config.gate, "num_subnets": len(choices.subnets)})
+    # With several profiles, the gate decides the profile with a head of its own (see model.gate.Gate).
+    profiles = choices.profile_of.tolist() if len(choices.profiles) > 1 else []
+    gate_config = GateConfig.from_dict({**config.gate, "num_subnets": len(choices.subnets), "profiles": profiles})
     gates = {delta: compute.module(Gate(gate_config)) for delta in deltas}
     optimizers = {delta: torch.optim.Adam(g.parameters(), lr=config.lr) for delta, g in gates.items()}
+    kept: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=REPLAY_KEPT)
+    replay_rng = random.Random(config.seed)
+
+    def update(delta: float, noisy: torch.Tensor, psnrs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = gates[delta](noisy)
+        loss, labels = gate_loss(logits, psnrs, choices, delta, config)
+        optimizers[delta].zero_grad(set_to_none=True)
+        loss.backward()
+        optimizers[delta].step()
+        return loss, (logits.argmax(dim=1) == labels).float().mean(), labels
 
     def train_step(clean: torch.Tensor, noisy: torch.Tensor) -> dict:
         psnrs = subnet_psnrs(choices, noisy, clean)
-        regret = (psnrs[:, choices.widest].amax(dim=1, keepdim=True) - psnrs).clamp_min(0)
+        earlier = replay_rng.sample(list(kept), min(config.replay, len(kept))) if config.replay else []
         record = {}
-        for delta, gate in gates.items():
-            labels = smallest_within(psnrs, cost, delta, choices.widest)
-            logits = gate(noisy)
-            loss = F.cross_entropy(logits, labels)
-            if config.cost_weight:
-                loss = loss + config.cost_weight * (logits.softmax(dim=1) @ relative_cost).mean()
-            if config.regret_weight:
-                loss = loss + config.regret_weight * (logits.softmax(dim=1) * regret).sum(dim=1).mean()
-            optimizers[delta].zero_grad(set_to_none=True)
-            loss.backward()
-            optimizers[delta].step()
+        for delta in gates:
+            loss, accuracy, labels = update(delta, noisy, psnrs)
+            for old_noisy, old_psnrs in earlier:
+                update(delta, old_noisy, old_psnrs)
             record[f"delta_{delta:g}"] = {
                 "loss": round(loss.item(), 5),
-                "accuracy": round((logits.argmax(dim=1) == labels).float().mean().item(), 4),
+                "accuracy": round(accuracy.item(), 4),
                 "label_histogram": torch.bincount(labels, minlength=len(choices.subnets)).tolist(),
             }
+        if config.replay:
+            kept.append((noisy, psnrs))
         return record
 
     loop = Loop("gate", config.steps, train_step, list(optimizers.values()),

@@ -1,5 +1,5 @@
 """Stage 3: the online label rule, which gate of the sweep ships, settings refused before training, and a gate
-over two profiles."""
+over two profiles and its loss."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
-from model.checkpoint import load_checkpoint
+from model.checkpoint import Subnet, load_checkpoint
+from model.supernet import SlimUNet, SupernetConfig
 from training.config import GateStage, ProfileStage, load_config
-from training.gate import choose_shipped, smallest_within, train_gate
+from training.gate import Choices, choose_shipped, gate_loss, smallest_within, train_gate
 from training.tailor import tailor
 
 
@@ -86,8 +87,8 @@ def test_the_gate_stage_gates_between_two_profiles_and_reports_the_profile_choic
     assert profile_checkpoint.provenance["stages"]["profile"]["profile"] == "compressed"
     gated = train_gate(load_config(GateStage, None, [
         f"tailored={three_stage_run.tailored}", f"profiles.compressed={profile}", f"out_dir={tmp_path / 'gate'}",
-        "steps=2", "batch_size=2", "crop=16", "regret_weight=0.5", "gate.noise_stats=true", "save_dtype=float16",
-        "val_crop=24", f"data={data}", "data.degradations.mix={awgn: 1.0, jpeg: 1.0}"]))
+        "steps=3", "batch_size=2", "crop=16", "regret_weight=0.5", "replay=2", "gate.noise_stats=true",
+        "save_dtype=float16", "val_crop=24", f"data={data}", "data.degradations.mix={awgn: 1.0, jpeg: 1.0}"]))
     checkpoint = load_checkpoint(gated)
     assert checkpoint.profiles == ["white", "compressed"] and checkpoint.gate.config.num_subnets == 8
     assert torch.equal(checkpoint.nets["compressed"].head.weight,
@@ -98,3 +99,27 @@ def test_the_gate_stage_gates_between_two_profiles_and_reports_the_profile_choic
     assert sum(map(sum, shipped["profile_confusion_right_by_pick"])) == 2  # one photo, two noises
     assert set(shipped["by_sigma"]) == {"25", "jpeg30-awgn10"}
     assert all("profile_accuracy" in row for row in shipped["by_sigma"].values())
+
+
+def _two_profile_choices() -> Choices:
+    """Two profiles of two widths each (costs 4 and 1), their supernets tiny; only the table matters here."""
+    net = SlimUNet(SupernetConfig(channels=(8, 16), enc_blocks=(1,), dec_blocks=(1,)))
+    subnets = [Subnet(net.widest(), mflops, {}, profile)
+               for profile in ("white", "compressed") for mflops in (4.0, 1.0)]
+    return Choices({"white": net, "compressed": net}, subnets)
+
+
+def test_with_two_profiles_the_loss_trains_the_profile_by_its_stakes_and_the_width_within_it():
+    choices = _two_profile_choices()
+    # Sample 0: the compressed profile is 5 dB better and its slim width is within 0.1 dB of its widest.
+    # Sample 1: white is better by 0.2 dB, and its slim width loses 1 dB.
+    psnrs = torch.tensor([[25.0, 24.9, 30.0, 29.95], [30.0, 29.0, 29.8, 29.7]])
+    config = GateStage()
+    _, labels = gate_loss(torch.zeros(2, 4, requires_grad=True), psnrs, choices, 0.1, config)
+    assert labels.tolist() == [3, 0]  # each label within the profile whose widest does best
+    # A gate sure of the wrong profile on the sample with 5 dB at stake loses more than one sure of the
+    # wrong profile on the sample with 0.2 dB at stake.
+    wrong_on_first = torch.tensor([[9.0, 0, 0, 0], [9.0, 0, 0, 0]])
+    wrong_on_second = torch.tensor([[0, 0, 0, 9.0], [0, 0, 0, 9.0]])
+    assert gate_loss(wrong_on_first, psnrs, choices, 0.1, config)[0] > gate_loss(wrong_on_second, psnrs, choices,
+                                                                                 0.1, config)[0]
