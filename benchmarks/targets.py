@@ -49,3 +49,12 @@ SPEED_MAX_DEVIATION_FROM_FLOPS = 0.25
 LOAD_MIN_ANSWERED = 0.95
 LOAD_MAX_P95_OVER_TARGET = 1.2
 LOAD_MAX_PSNR_LOSS_DB = 0.35
+
+# What a user waits for (benchmarks.speed --cold): one `ddsnet denoise` process per quality over a folder of
+# photos, wall time from outside, with a warm engine cache, against FFDNet's MPix/s in the same run.
+COLD_AUTO_VS_FFDNET = 2.0
+COLD_FAST_VS_FFDNET = 3.5
+# One 512x512 photo from a fresh process, warm cache: auto's wall time over `--backend torch`'s.
+COLD_ONE_PHOTO_VS_TORCH = 1.1
+# Seconds from starting `ddsnet serve` to /readyz answering 200, on a warm cache.
+COLD_SERVE_READY_S = 5.0

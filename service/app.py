@@ -43,7 +43,8 @@ async def init_app_state(state: State, settings: Settings, checkpoint: Checkpoin
             net.to(device)
         checkpoint.gate.to(device)
     denoiser = Denoiser(checkpoint, tile=settings.tile)
-    state.runtimes = Runtimes(denoiser, settings.backend, settings.max_batch_tiles, settings.torch_threads)
+    state.runtimes = Runtimes(denoiser, settings.backend, settings.max_batch_tiles, settings.torch_threads,
+                              cache_dir=settings.engine_cache_dir())
     controller = LoadController([subnet.mflops_per_pixel for subnet in denoiser.subnets],
                                 settings.latency_target_ms / 1000, profiles=[s.profile for s in denoiser.subnets])
     scheduler = Scheduler(denoiser, metrics, state.runtimes, settings.max_batch_tiles, settings.max_wait_ms,
@@ -107,11 +108,12 @@ def build_app(settings: Settings | None = None, on_batch: Callable[[int, list[Jo
     return app
 
 
-def serve(host: str = "127.0.0.1", port: int = 8000, checkpoint: str | None = None, backend: str | None = None) -> int:
+def serve(host: str = "127.0.0.1", port: int = 8000, checkpoint: str | None = None, backend: str | None = None,
+          cache_dir: str | None = None) -> int:
     """Run the service with uvicorn (one process owns the model; see README on scaling)."""
     import uvicorn
 
-    overrides = {"checkpoint": checkpoint, "backend": backend}
+    overrides = {"checkpoint": checkpoint, "backend": backend, "cache_dir": cache_dir}
     settings = Settings(**{key: value for key, value in overrides.items() if value})
     # Refused before the model loads: a runtime the machine cannot build is one error line, not a traceback.
     backends.check_available(settings.backend, resolve_device(settings.device))

@@ -12,8 +12,10 @@ from pathlib import Path
 from model.checkpoint import DEFAULT_CHECKPOINT
 from model.tiling import DEFAULT_TILE
 
-BACKEND_HELP = ("engine per sub-network: auto times the installed ones and keeps the fastest "
-                "(default: $DDSNET_BACKEND or auto)")
+BACKEND_HELP = ("engine per sub-network: auto takes the installed one expected to finish the job first, from "
+                "speeds measured on this machine (default: $DDSNET_BACKEND or auto)")
+CACHE_HELP = ("the engine cache's folder (default: $DDSNET_CACHE_DIR, else $XDG_CACHE_HOME/ddsnet); "
+              "DDSNET_CACHE=off keeps no cache")
 MISSING_HELP = (
     "make one with the three training stages (see README, 'Training'): "
     "ddsnet-train supernet && ddsnet-train tailor && ddsnet-train gate; or pass --checkpoint PATH"
@@ -55,18 +57,62 @@ def _output_paths(inputs: list[str], output: str | None) -> list[Path]:
     return targets
 
 
+def _pixels(path: str) -> int:
+    """An image file's pixel count from its header (0 when it cannot be read: decoding will say why)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.width * image.height
+    except Exception:  # noqa: BLE001 - any unreadable file; its own decode reports the error
+        return 0
+
+
+class JobSize:
+    """What ``auto`` engines expect of this run (see :class:`service.backends.Runtimes`): for a sub-network,
+    the pixels of the images still to do, times the share of images that went to it so far (counting the
+    one at hand)."""
+
+    def __init__(self, inputs: list[str]) -> None:
+        self.sizes = [_pixels(path) for path in inputs]
+        self.position = 0
+        self.done: dict[int, int] = {}
+
+    def __call__(self, index: int) -> float:
+        remaining = sum(self.sizes[self.position:])
+        return remaining * (self.done.get(index, 0) + 1) / (self.position + 1)
+
+    def finished(self, index: int | None) -> None:
+        """One image done, on sub-network ``index`` (``None``: it failed)."""
+        if index is not None:
+            self.done[index] = self.done.get(index, 0) + 1
+        self.position += 1
+
+
 def run_denoise(args: argparse.Namespace) -> int:
     from model import Noise, Quality
     from service.backends import Runtimes
-    from service.imaging import ImageError, decode_image, encode_image
     from service.settings import Settings
 
     targets = _output_paths(args.inputs, args.output)
+    settings = Settings(**({"cache_dir": args.cache_dir} if args.cache_dir else {}))
     denoiser = load_denoiser(args.checkpoint, tile=args.tile)
-    # The service's runtimes: the same backend gives the same output as `ddsnet serve`. Built on first use.
-    runtimes = Runtimes(denoiser, args.backend or Settings().backend, max_batch=1)
+    # The service's runtimes (the same backend gives the same output as `ddsnet serve`), with its window bound,
+    # so that the two share engine cache entries. Built on first use, each chosen for this job's size.
+    job = JobSize(args.inputs)
+    runtimes = Runtimes(denoiser, args.backend or settings.backend, max_batch=settings.max_batch_tiles,
+                        cache_dir=settings.engine_cache_dir(), work=job)
     quality, noise = Quality(args.quality), Noise(args.noise)
     denoiser.check_noise(noise)  # a profile the checkpoint lacks: one error line, before any image
+    try:
+        return _denoise_each(args, targets, denoiser, runtimes, job, quality, noise)
+    finally:
+        runtimes.save_measurements()
+
+
+def _denoise_each(args, targets, denoiser, runtimes, job: JobSize, quality, noise) -> int:
+    from service.imaging import ImageError, decode_image, encode_image
+
     failures = 0
     for source, target in zip(args.inputs, targets):
         started = time.perf_counter()
@@ -77,10 +123,12 @@ def run_denoise(args: argparse.Namespace) -> int:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(encoded)
         except (OSError, ImageError) as error:
+            job.finished(None)
             failures += 1
             message = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
             print(f"error: {source}: {message}", file=sys.stderr)
             continue
+        job.finished(result.subnet)
         seconds = time.perf_counter() - started
         width, height = decoded.size
         if args.json:
@@ -128,7 +176,41 @@ def run_info(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     from service.app import serve
 
-    return serve(args.host, args.port, args.checkpoint, args.backend)
+    return serve(args.host, args.port, args.checkpoint, args.backend, args.cache_dir)
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    from service import engine_cache
+    from service.backends import Runtimes
+    from service.settings import Settings
+
+    settings = Settings(**({"cache_dir": args.cache_dir} if args.cache_dir else {}))
+    root = Path(settings.cache_dir) if settings.cache_dir else engine_cache.default_root()
+    if args.action == "clear":
+        print(f"removed {engine_cache.clear(root)} entries from {root}")
+        return 0
+    if args.action == "warm":
+        # What `ddsnet serve` builds at start, with its settings: afterwards both it and the CLI start warm.
+        denoiser = load_denoiser(args.checkpoint or settings.checkpoint, tile=settings.tile)
+        started = time.perf_counter()
+        runtimes = Runtimes(denoiser, args.backend or settings.backend, settings.max_batch_tiles,
+                            settings.torch_threads, cache_dir=root)
+        runtimes.build_all()
+        summary = runtimes.summary()
+        engines = ", ".join(f"{row['subnet']}: {row['backend']} ({row['source']})" for row in summary["subnets"])
+        print(f"{runtimes.cache.folder}: {engines}; {time.perf_counter() - started:.1f} s")
+        return 0
+    found = engine_cache.entries(root)
+    if args.json:
+        print(json.dumps({"root": str(root), "entries": found}, indent=2))
+        return 0
+    print(f"engine cache: {root} ({len(found)} entries, {sum(e['bytes'] for e in found) / 1e6:.1f} MB)")
+    for entry in found:
+        key = entry["key"] or {}
+        print(f"  {Path(entry['folder']).name}: {', '.join(entry['engines']) or 'measurements only'}; "
+              f"checkpoint {str(key.get('checkpoint', '?'))[:12]}, {key.get('threads', '?')} threads, "
+              f"{key.get('cpu', '?')}; {entry['bytes'] / 1e6:.1f} MB")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     denoise.add_argument("--json", action="store_true", help="print one JSON object per image")
     denoise.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile core side in pixels (multiple of 8)")
     denoise.add_argument("--backend", choices=BACKEND_CHOICES, default=None, help=BACKEND_HELP)
+    denoise.add_argument("--cache-dir", default=None, help=CACHE_HELP)
     denoise.set_defaults(handler=run_denoise)
 
     info = commands.add_parser("info", help="print the sub-network table of a checkpoint")
@@ -163,16 +246,34 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--checkpoint", default=None, help=f"default: $DDSNET_CHECKPOINT or {DEFAULT_CHECKPOINT}")
     serve.add_argument("--backend", choices=BACKEND_CHOICES, default=None,
                        help=BACKEND_HELP)
+    serve.add_argument("--cache-dir", default=None, help=CACHE_HELP)
     serve.set_defaults(handler=run_serve)
+
+    cache = commands.add_parser("cache", help="the engine cache: show it, fill it, or empty it")
+    cache.add_argument("action", choices=["info", "warm", "clear"],
+                       help="info: its entries; warm: build and time every engine as `ddsnet serve` would; "
+                            "clear: remove every entry")
+    cache.add_argument("--cache-dir", default=None, help=CACHE_HELP)
+    cache.add_argument("--checkpoint", default=None, help=f"warm: default $DDSNET_CHECKPOINT or {DEFAULT_CHECKPOINT}")
+    cache.add_argument("--backend", choices=BACKEND_CHOICES, default=None, help="warm: " + BACKEND_HELP)
+    cache.add_argument("--json", action="store_true", help="info: as JSON")
+    cache.set_defaults(handler=run_cache)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
     from model import CheckpointError
 
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
+    except ValidationError as error:  # a DDSNET_* variable out of range: one line per setting
+        for problem in error.errors():
+            setting = ".".join(map(str, problem["loc"]))
+            print(f"error: DDSNET_{setting.upper()}: {problem['msg']}", file=sys.stderr)
+        return 2
     except (CheckpointError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.checkpoint import DEFAULT_CHECKPOINT
 from model.tiling import DEFAULT_TILE
+from service.engine_cache import default_root
 
 
 class Settings(BaseSettings):
@@ -33,7 +36,16 @@ class Settings(BaseSettings):
     backend: str = Field("auto", description="engine per sub-network: 'auto' (the fastest installed, timed at "
                          "start), 'torch', 'onnxruntime' or 'openvino'")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads for the inference worker")
+    cache: bool = Field(True, description="keep built engines and their measured speeds in cache_dir for the "
+                        "next process ('off' builds and times them in every process)")
+    cache_dir: str | None = Field(None, description="the engine cache's folder (default: $XDG_CACHE_HOME/ddsnet)")
     warmup: bool = True
+
+    def engine_cache_dir(self) -> Path | None:
+        """The engine cache's folder, or ``None`` when the cache is off."""
+        if not self.cache:
+            return None
+        return Path(self.cache_dir) if self.cache_dir else default_root()
 
     @field_validator("backend")
     @classmethod

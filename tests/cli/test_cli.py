@@ -185,12 +185,12 @@ def test_info_table(capsys, tiny_checkpoint):
     assert code == 0 and "MFLOPs/px" in stdout and "widths:" in stdout
 
 
-def test_help_lists_only_denoise_info_and_serve(capsys):
+def test_help_lists_only_denoise_info_serve_and_cache(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
     usage = re.search(r"\{([\w,-]+)\}", capsys.readouterr().out)
-    assert usage.group(1).split(",") == ["denoise", "info", "serve"]
+    assert usage.group(1).split(",") == ["denoise", "info", "serve", "cache"]
 
 
 def test_importing_the_cli_does_not_import_the_training_code():
