@@ -58,3 +58,8 @@ COLD_FAST_VS_FFDNET = 3.5
 COLD_ONE_PHOTO_VS_TORCH = 1.1
 # Seconds from starting `ddsnet serve` to /readyz answering 200, on a warm cache.
 COLD_SERVE_READY_S = 5.0
+
+# benchmarks.load --scenario mixed, fair sharing on: with one client's 20 MP photo in flight, small photos'
+# p95 latency at most the larger of these seconds and this multiple of their time alone.
+MIXED_SMALL_MAX_S = 3.0
+MIXED_SMALL_MAX_OVER_ALONE = 10.0

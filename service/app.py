@@ -48,7 +48,7 @@ async def init_app_state(state: State, settings: Settings, checkpoint: Checkpoin
     controller = LoadController([subnet.mflops_per_pixel for subnet in denoiser.subnets],
                                 settings.latency_target_ms / 1000, profiles=[s.profile for s in denoiser.subnets])
     scheduler = Scheduler(denoiser, metrics, state.runtimes, settings.max_batch_tiles, settings.max_wait_ms,
-                          settings.max_queue_tiles, on_batch=on_batch, controller=controller)
+                          settings.max_queue_tiles, on_batch=on_batch, controller=controller, fair=settings.fair_share)
     if device.type == "cuda":
         metrics.device_memory.set_function(lambda: torch.cuda.memory_allocated(device))
     scheduler.start()
@@ -122,6 +122,10 @@ def serve(host: str = "127.0.0.1", port: int = 8000, checkpoint: str | None = No
     loaded = load_checkpoint(settings.checkpoint)
     # Connections: idle keep-alives close after keepalive_s; past max_connections uvicorn answers 503.
     # Header and body read timeouts and per-client connection limits belong to the proxy (docker/nginx).
+    # X-Forwarded-For only from the proxies named: uvicorn's default trusts it from 127.0.0.1, where any
+    # local client reached directly could pose as many clients and multiply its fair share.
+    proxies = settings.trusted_proxies.strip()
+    forwarding = {"proxy_headers": True, "forwarded_allow_ips": proxies} if proxies else {"proxy_headers": False}
     uvicorn.run(build_app(settings, checkpoint=loaded), host=host, port=port, log_level="info",
-                timeout_keep_alive=settings.keepalive_s, limit_concurrency=settings.max_connections)
+                timeout_keep_alive=settings.keepalive_s, limit_concurrency=settings.max_connections, **forwarding)
     return 0

@@ -3,12 +3,15 @@
 A slimmable network's width is a dial that other serving systems do not have; they can only queue or refuse.
 The controller turns it. It learns each sub-network's speed from the batches the scheduler runs (an EWMA of
 seconds per window pixel), and for every ``auto`` request it estimates the wait: the work queued and running
-ahead of it, plus the request's own work at a given width. It keeps the gate's pick when that fits in the
-latency target, and otherwise the widest sub-network no wider than the pick that does, or the slimmest when
-none does.
+that runs before the request is done (all of it when tiles run oldest first; under fair sharing, the share the
+scheduler works out), plus the request's own work at a given width. It keeps the gate's pick when that fits in
+the latency target, and otherwise the widest sub-network no wider than the pick that does, or the slimmest
+when none does.
 
-* Load is the only reason to step down: with nothing queued or running, ``auto`` is the gate's pick, however
-  large the image.
+* Load is the only reason to step down for the target: with nothing queued or running, ``auto`` is the gate's
+  pick, however large the image, unless the pick would miss the request's deadline or exceed the ceiling on one
+  request's seconds; then the widest width that meets both runs (reason ``deadline``). Those two are hard
+  bounds: they hold with the target off too, and refusal is left for when no width meets them.
 * ``best`` and ``fast`` are never changed.
 * Hysteresis: once load has capped the width, the cap widens again only when the wider width fits in
   ``recover`` times the target, so that widths do not flap as the queue hovers around it.
@@ -26,11 +29,13 @@ from dataclasses import dataclass
 REASON_GATE = "gate"
 REASON_LOAD = "load"
 REASON_REQUESTED = "requested"
+REASON_DEADLINE = "deadline"
 
 
 @dataclass(frozen=True)
 class Decision:
-    """The sub-network a request runs at, and why (``gate``, ``load`` or ``requested``)."""
+    """The sub-network a request runs at, why (``gate``, ``load``, ``deadline`` or ``requested``), and the
+    estimated seconds from now until it is done."""
 
     subnet: int
     gate_subnet: int | None
@@ -97,7 +102,8 @@ class LoadController:
         return sum(pixels * (self.rate(subnet) or 0.0) for subnet, pixels in pixels_by_subnet.items())
 
     def choose(self, gate_subnet: int, pixels: int, pixels_ahead: dict[int, int],
-               max_latency_seconds: float | None = None) -> Decision:
+               max_latency_seconds: float | None = None, finish: Callable[[int], float] | None = None,
+               deadline_seconds: float | None = None, max_own_seconds: float | None = None) -> Decision:
         """The width for an ``auto`` request whose gate picked ``gate_subnet``.
 
         Args:
@@ -105,37 +111,58 @@ class LoadController:
             pixels: the request's own window pixels (its tiles with their margins).
             pixels_ahead: window pixels queued or running ahead of it, per sub-network.
             max_latency_seconds: the request's own bound, at most the target.
+            finish: sub-network -> the seconds until the request would be done at it, the work that runs
+                before it included; default: all of ``pixels_ahead`` runs first.
+            deadline_seconds: the seconds left before the request's deadline (a hard bound).
+            max_own_seconds: the most seconds the request's own work may take (a hard bound).
+
+        With the target off (0) only the hard bounds change the pick. When no width meets them, the slimmest
+        comes back for the caller to refuse, and it is not counted as a downgrade.
         """
         backlog = self.backlog_seconds(pixels_ahead)
 
+        def own(subnet: int) -> float:
+            return pixels * (self.rate(subnet) or 0.0)
+
         def estimate(subnet: int) -> float:
-            return backlog + pixels * (self.rate(subnet) or 0.0)
+            return backlog + own(subnet) if finish is None else finish(subnet)
 
         def widest_within(bound: float, widths: list[int]) -> int:
             return next((subnet for subnet in widths if estimate(subnet) <= bound), widths[-1])
 
-        if not any(pixels_ahead.values()):
+        def within_limits(subnet: int) -> bool:
+            return ((deadline_seconds is None or estimate(subnet) <= deadline_seconds)
+                    and (max_own_seconds is None or own(subnet) <= max_own_seconds))
+
+        loaded = any(pixels_ahead.values())
+        if not loaded:
             self.cap = self.by_width[0]  # no load: nothing to give width up for
-        if not self.enabled or not any(pixels_ahead.values()):
-            return Decision(gate_subnet, gate_subnet, REASON_GATE, estimate(gate_subnet))
-        # The cap is the server's state, a rank on the ladder of widths: the widest that keeps the target,
-        # widened again only with room. Each profile has its ladder; the cap's rank carries across them.
         ladder = self.ladder(gate_subnet)
-        cap_rank = min(self.ladder(self.cap).index(self.cap), len(ladder) - 1)
-        fit_rank = ladder.index(widest_within(self.target, ladder))
-        if fit_rank > cap_rank:
-            cap_rank = fit_rank
-        elif fit_rank < cap_rank:
-            cap_rank = ladder.index(widest_within(self.recover * self.target, ladder[fit_rank:cap_rank + 1]))
-        self.cap = ladder[cap_rank]
-        ranks = [ladder.index(gate_subnet), cap_rank]
-        if max_latency_seconds is not None:
-            ranks.append(ladder.index(widest_within(min(self.target, max_latency_seconds), ladder)))
-        chosen = ladder[max(ranks)]
-        if chosen == gate_subnet:
-            return Decision(chosen, gate_subnet, REASON_GATE, estimate(chosen))
-        self.downgrades += 1
-        return Decision(chosen, gate_subnet, REASON_LOAD, estimate(chosen))
+        rank = ladder.index(gate_subnet)
+        if self.enabled and loaded:
+            # The cap is the server's state, a rank on the ladder of widths: the widest that keeps the target,
+            # widened again only with room. Each profile has its ladder; the cap's rank carries across them.
+            cap_rank = min(self.ladder(self.cap).index(self.cap), len(ladder) - 1)
+            fit_rank = ladder.index(widest_within(self.target, ladder))
+            if fit_rank > cap_rank:
+                cap_rank = fit_rank
+            elif fit_rank < cap_rank:
+                cap_rank = ladder.index(widest_within(self.recover * self.target, ladder[fit_rank:cap_rank + 1]))
+            self.cap = ladder[cap_rank]
+            ranks = [rank, cap_rank]
+            if max_latency_seconds is not None:
+                ranks.append(ladder.index(widest_within(min(self.target, max_latency_seconds), ladder)))
+            rank = max(ranks)
+        reason = REASON_GATE if ladder[rank] == gate_subnet else REASON_LOAD
+        if not within_limits(ladder[rank]):
+            # Slimmer still, to meet the hard bounds; when no width does, the slimmest, for the caller to refuse.
+            bounded = next((slimmer for slimmer in range(rank, len(ladder)) if within_limits(ladder[slimmer])), None)
+            if bounded is None:
+                return Decision(ladder[-1], gate_subnet, REASON_DEADLINE, estimate(ladder[-1]))
+            rank, reason = bounded, REASON_DEADLINE
+        if reason != REASON_GATE:
+            self.downgrades += 1
+        return Decision(ladder[rank], gate_subnet, reason, estimate(ladder[rank]))
 
     def ladder(self, subnet: int) -> list[int]:
         """The sub-networks of ``subnet``'s profile, widest first."""
@@ -156,4 +183,4 @@ class LoadController:
         }
 
 
-__all__ = ["Decision", "LoadController", "REASON_GATE", "REASON_LOAD", "REASON_REQUESTED"]
+__all__ = ["Decision", "LoadController", "REASON_DEADLINE", "REASON_GATE", "REASON_LOAD", "REASON_REQUESTED"]

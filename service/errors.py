@@ -12,15 +12,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.metrics import Metrics
 
 MAX_DETAIL = 300  # characters of an error message; an error never echoes the request back
-IMAGE_ERROR_STATUS = {"empty": 422, "corrupt": 422, "unsupported": 415, "too_large": 413, "bad_output": 422}
+IMAGE_ERROR_STATUS = {"empty": 422, "corrupt": 422, "unsupported": 415, "too_large": 413, "expansion": 413,
+                      "bad_output": 422}
 ERRORS = {
     400: "malformed request",
     401: "missing or wrong API key",
-    413: "upload or image too large",
+    413: "upload or image too large, or over a cost limit (the detail names it)",
     415: "not an image, or an unsupported format",
     422: "a missing or invalid field, an empty, truncated or corrupt image, or an output format that cannot carry it",
+    429: "this client has too many pixels in flight (see Retry-After)",
     500: "internal error",
-    503: "queue full or model not ready (see Retry-After)",
+    503: "queue full, the deadline cannot be met, or model not ready (see Retry-After, there when waiting can help)",
     504: "request timed out",
 }
 

@@ -3,6 +3,7 @@ Starlette's ``BaseHTTPMiddleware``), so that routes behind them still see a clie
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import secrets
@@ -75,6 +76,26 @@ def authorized(request: Request, api_key: str | None) -> bool:
         return True
     match = BEARER.fullmatch(request.headers.get("authorization", ""))
     return match is not None and secrets.compare_digest(match.group(1).encode(), api_key.encode())
+
+
+def client_identity(request: Request) -> str:
+    """Who sent ``request``, for sharing the device: its peer address, an IPv6 peer by its /64 (one host's
+    share of a network, which it may spread over many addresses). Behind a proxy the peer is the address
+    the proxy forwards, when uvicorn trusts the proxy (``DDSNET_TRUSTED_PROXIES``). The API key is not used:
+    with one key configured, every client presents the same one. The identity is never shown or used as a
+    label as it is."""
+    if request.client is None or not request.client.host:
+        return "peer:unknown"
+    host = request.client.host
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return f"peer:{host}"  # a name, not an address (a test client, a Unix socket)
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return f"peer:{address.ipv4_mapped}"
+        return f"peer:{ipaddress.IPv6Network((address, 64), strict=False)}"
+    return f"peer:{address}"
 
 
 class ApiKeyGuard:

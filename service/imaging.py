@@ -11,7 +11,9 @@ The floors (:data:`MIN_PIXELS_PER_BYTE`) are far below what any real encoder rea
 spends at least one bit per 8x8 block, deflate (PNG) compresses at most about 1032:1 and BMP's and TIFF's
 run-length, LZW and fax codes at most a few thousand pixels per byte. WebP and arithmetic-coded JPEG have no
 floor: their entropy coders can spend almost nothing on a flat image, so a tiny file may honestly hold a
-large one. What bounds memory for every format is ``max_pixels`` and the number of decodes at once.
+large one. What bounds memory for every format is ``max_pixels`` and the number of decodes at once; what
+bounds the work a few bytes can ask for is ``max_expansion``, the most bytes the decoded pixels may take per
+byte of the file (no photo comes near 10,000; a 34-byte flat WebP of 6000x6000 expands 3,000,000 times).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
 
 SUPPORTED_FORMATS = {"PNG", "JPEG", "MPO", "TIFF", "WEBP", "BMP"}
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP", "tiff": "TIFF", "tif": "TIFF"}
@@ -37,7 +39,7 @@ HEADER_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyErro
 
 class ImageError(ValueError):
     """An input that cannot be denoised. ``reason`` is one of: ``empty``, ``unsupported``, ``corrupt``,
-    ``too_large``, ``bad_output``."""
+    ``too_large``, ``expansion``, ``bad_output``."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
@@ -65,8 +67,22 @@ def _png_bit_depth(data: bytes) -> tuple[int, int] | None:
     return struct.unpack(">BB", data[24:26])
 
 
-def probe(data: bytes, max_pixels: int | None = None) -> Image.Image:
-    """Open the image header (no pixel decoding yet) and apply the format and size checks."""
+MAX_BYTES_PER_PIXEL = 4  # the most any mode Pillow decodes to takes: RGBA, CMYK, 32-bit integer or float
+
+
+def decoded_bytes(image: Image.Image) -> int:
+    """Bytes the pixels of an opened (not yet decoded) image take once decoded, in its own mode (3 per pixel
+    for 8-bit RGB; a mode Pillow's table does not know counts :data:`MAX_BYTES_PER_PIXEL`)."""
+    width, height = image.size
+    try:
+        mode = ImageMode.getmode(image.mode)
+    except KeyError:
+        return width * height * MAX_BYTES_PER_PIXEL
+    return width * height * len(mode.bands) * int(mode.typestr[-1])
+
+
+def probe(data: bytes, max_pixels: int | None = None, max_expansion: float | None = None) -> Image.Image:
+    """Open the image header (no pixel decoding yet) and apply the format, size and expansion checks."""
     if not data:
         raise ImageError("empty", "the file is empty")
     try:
@@ -93,6 +109,12 @@ def probe(data: bytes, max_pixels: int | None = None) -> Image.Image:
         if len(data) < floor:
             raise ImageError("corrupt", f"the file has {len(data)} bytes, too few for the {width}x{height} image "
                                         f"its header declares (a {image.format} file that size has {floor} or more)")
+    if max_expansion:
+        expansion = decoded_bytes(image) / len(data)
+        if expansion > max_expansion:
+            raise ImageError("expansion", f"the {width}x{height} image would take {expansion:.0f} times its "
+                                          f"{len(data)} bytes once decoded; the limit is DDSNET_MAX_EXPANSION_RATIO="
+                                          f"{max_expansion:g}")
     # MPO: a camera JPEG with extra images (a preview, a gain map); the photo itself is the first frame.
     if image.format != "MPO" and getattr(image, "n_frames", 1) > 1:
         raise ImageError("unsupported", f"animated or multi-page {image.format} files are not supported "
@@ -111,13 +133,14 @@ def probe(data: bytes, max_pixels: int | None = None) -> Image.Image:
     return image
 
 
-def decode_image(data: bytes, max_pixels: int | None = None) -> DecodedImage:
+def decode_image(data: bytes, max_pixels: int | None = None, max_expansion: float | None = None) -> DecodedImage:
     """Decode an upload or file's bytes.
 
     Raises:
-        ImageError: empty, unsupported, corrupt/truncated, or over ``max_pixels``.
+        ImageError: empty, unsupported, corrupt/truncated, over ``max_pixels``, or expanding more than
+            ``max_expansion`` times (decoded bytes over file bytes; None or 0: no limit).
     """
-    image = probe(data, max_pixels)
+    image = probe(data, max_pixels, max_expansion)
     jpeg_quality = estimate_jpeg_quality(image)
     try:
         image.load()

@@ -1,6 +1,8 @@
 """Prometheus metrics. Base units, ``_total`` counters, histograms. ``subnet`` is the sub-network index (0 = widest).
 
-Every app gets its own registry, so several apps (tests, or one per device) never share counters.
+Every app gets its own registry, so several apps (tests, or one per device) never share counters. Per-client
+series are kept to :data:`CLIENT_BUCKETS`: a client's ``bucket`` is a salted hash of its identity, so that no
+address or key becomes a label and the number of series stays fixed however many clients come.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ disable_created_metrics()
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+CLIENT_BUCKETS = 16
 
 
 class Metrics:
@@ -59,12 +62,16 @@ class Metrics:
         self.warmup_seconds = Gauge("ddsnet_warmup_seconds", "Seconds spent building and warming the engines.",
                                     registry=r)
         self.load_downgrades = Counter("ddsnet_load_downgrades", "auto requests run slimmer than the gate's pick "
-                                       "to keep the latency target, by the pick and what ran.", ["from", "to"],
-                                       registry=r)
+                                       "to keep the latency target or meet their deadline, by the pick and what "
+                                       "ran.", ["from", "to"], registry=r)
         self.latency_target = Gauge("ddsnet_latency_target_seconds", "The controller's latency target (0: off).",
                                     registry=r)
         self.backlog_seconds = Gauge("ddsnet_backlog_seconds", "Estimated seconds to run the queued and running "
                                      "work, from each width's measured speed.", registry=r)
+        self.client_queue_tiles = Gauge("ddsnet_client_queue_tiles", "Tiles waiting, by client bucket (a salted "
+                                        "hash of the client's identity).", ["bucket"], registry=r)
+        self.clients_in_flight = Gauge("ddsnet_clients_in_flight", "Clients with a request admitted and not yet "
+                                       "done.", registry=r)
         self.ready = Gauge("ddsnet_ready", "1 once the model is loaded and warmed up.", registry=r)
         self.device_memory = Gauge("ddsnet_device_memory_bytes", "Memory allocated on the GPU by the model.",
                                    registry=r)

@@ -19,9 +19,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from model import Noise, Quality
 from service.backends import Runtimes
 from service.errors import IMAGE_ERROR_STATUS, error_responses, rejection
-from service.imaging import ImageError, check_output_format, decode_image, encode_image, media_type
+from service.guards import client_identity
+from service.imaging import ImageError, check_output_format, decode_image, encode_image, media_type, probe
 from service.metrics import Metrics
-from service.scheduler import Job, QueueFull, ScheduledResult, Scheduler
+from service.scheduler import CostLimits, Job, Refused, ScheduledResult, Scheduler
 from service.settings import Settings
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"  # the browser page: no build step, no CDN
@@ -101,6 +102,11 @@ async def info(scheduler: Annotated[Scheduler, Depends(get_scheduler)], request:
     summary["controller"] = scheduler.controller.state(scheduler.pending_pixels)
     summary["batching"] = {"max_batch_tiles": settings.max_batch_tiles, "max_wait_ms": settings.max_wait_ms,
                            "max_queue_tiles": settings.max_queue_tiles}
+    summary["sharing"] = scheduler.sharing()
+    summary["limits"] = {"request_timeout_s": settings.request_timeout_s,
+                         "max_client_pixels": settings.max_client_pixels,
+                         "max_request_seconds": settings.max_request_seconds,
+                         "max_expansion_ratio": settings.max_expansion_ratio}
     return summary
 
 
@@ -118,11 +124,11 @@ async def prometheus_metrics(request: Request) -> Response:
     responses={
         200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}},
               "description": "the denoised image; headers DDSNet-Subnet (what ran), DDSNet-Gate-Subnet (what "
-                             "the gate picked, auto only), DDSNet-Reason (gate, load or requested), "
+                             "the gate picked, auto only), DDSNet-Reason (gate, load, deadline or requested), "
                              "DDSNet-Profile (whose weights ran), DDSNet-Profile-Reason (gate, jpeg_header or "
                              "requested), DDSNet-GFLOPs, DDSNet-GFLOPs-Widest, DDSNet-Queue-Ms, "
                              "DDSNet-Compute-Ms"},
-        **error_responses(400, 401, 413, 415, 422, 503, 504),
+        **error_responses(400, 401, 413, 415, 422, 429, 503, 504),
     },
 )
 async def denoise(
@@ -139,22 +145,37 @@ async def denoise(
     noise: Annotated[Noise, Query(description="auto: a JPEG upload's header, else the gate, picks the profile; "
                                               "white: sensor or added noise; compressed: JPEG-compressed or "
                                               "otherwise correlated noise")] = Noise.auto,
+    deadline_ms: Annotated[float | None, Query(
+        gt=0, description="when the answer stops being of use, in ms from the upload's arrival; capped by the "
+                          "server's request timeout. Work that cannot be done by then is refused at once (503, "
+                          "with Retry-After when the work ahead of it is what makes it late)")] = None,
 ) -> Response:
     started = time.perf_counter()
     metrics = get_metrics(request)
     metrics.in_flight.inc()
     try:
-        return await denoise_upload(request, scheduler, file, quality, format, started, max_latency_ms, noise)
+        return await denoise_upload(request, scheduler, file, quality, format, started, max_latency_ms, noise,
+                                    deadline_ms)
     finally:
         metrics.in_flight.dec()
 
 
+def deadline_seconds(settings: Settings, deadline_ms: float | None) -> tuple[float, str]:
+    """A request's deadline in seconds from its arrival, and what set it: its ``deadline_ms``, capped by the
+    server's request timeout."""
+    if deadline_ms is not None and deadline_ms / 1000 < settings.request_timeout_s:
+        return deadline_ms / 1000, f"deadline_ms={deadline_ms:g}"
+    return settings.request_timeout_s, f"DDSNET_REQUEST_TIMEOUT_S={settings.request_timeout_s:g}"
+
+
 async def denoise_upload(request: Request, scheduler: Scheduler, file: UploadFile, quality: Quality,
                          output: OutputFormat, started: float, max_latency_ms: float | None,
-                         noise: Noise = Noise.auto) -> Response:
-    """The answer to one upload: decode, submit to the scheduler, wait, encode; or the error that stopped it.
-    ``started`` (``time.perf_counter()``) is when the upload arrived."""
+                         noise: Noise = Noise.auto, deadline_ms: float | None = None) -> Response:
+    """The answer to one upload: read its header and refuse what its size alone rules out (a cost limit, its
+    deadline), decode, submit to the scheduler, wait, encode; or the error that stopped it. ``started``
+    (``time.perf_counter()``) is when the upload arrived."""
     settings, metrics = get_settings(request), get_metrics(request)
+    timeout_s, deadline_source = deadline_seconds(settings, deadline_ms)
     if max_latency_ms is not None:
         refusal = latency_bound_refusal(max_latency_ms, quality, scheduler.controller.target)
         if refusal:
@@ -164,21 +185,29 @@ async def denoise_upload(request: Request, scheduler: Scheduler, file: UploadFil
     except ValueError as error:
         return rejection(metrics, 422, str(error), quality.value, "invalid_parameter")
     data = await file.read()
+    client = client_identity(request)
+    limits = CostLimits(settings.max_client_pixels, settings.max_request_seconds)
     try:
+        # The header first, outside the decode slots: work refused for its size is refused before the
+        # seconds a large image takes to decode, and never waits for a slot.
+        width, height = (await run_in_threadpool(probe, data, settings.max_pixels, settings.max_expansion_ratio)).size
+        scheduler.check_size(height, width, quality, noise, client, started + timeout_s, limits)
         async with get_decode_slots(request):
-            decoded = await run_in_threadpool(decode_image, data, settings.max_pixels)
+            decoded = await run_in_threadpool(decode_image, data, settings.max_pixels, settings.max_expansion_ratio)
         check_output_format(decoded, output.value)  # refuse before spending compute
-    except ImageError as error:
-        return rejection(metrics, IMAGE_ERROR_STATUS[error.reason], str(error), quality.value, error.reason)
-    try:
         job = await scheduler.submit(decoded.rgb, quality, received_at=started,
                                      max_latency_seconds=None if max_latency_ms is None else max_latency_ms / 1000,
-                                     noise=noise, jpeg_quality=decoded.jpeg_quality)
-    except QueueFull as error:
-        return rejection(metrics, 503, f"queue full: {error}", quality.value, "queue_full", {"Retry-After": "1"})
+                                     noise=noise, jpeg_quality=decoded.jpeg_quality, client=client,
+                                     deadline=started + timeout_s, limits=limits)
+    except ImageError as error:
+        return rejection(metrics, IMAGE_ERROR_STATUS[error.reason], str(error), quality.value, error.reason)
+    except Refused as error:
+        detail = f"{error} ({deadline_source})" if error.reason == "deadline" else str(error)
+        headers = None if error.retry_after is None else {"Retry-After": str(error.retry_after)}
+        return rejection(metrics, error.status, detail, quality.value, error.reason, headers)
     metrics.selections.labels(quality.value, str(job.subnet)).inc()
     metrics.profile_selections.labels(job.profile, job.profile_reason).inc()
-    given_up = await wait_for_job(request, scheduler, job, quality, started + settings.request_timeout_s)
+    given_up = await wait_for_job(request, scheduler, job, quality, started + timeout_s)
     if given_up is not None:
         return given_up
     try:
@@ -195,14 +224,15 @@ async def denoise_upload(request: Request, scheduler: Scheduler, file: UploadFil
 async def wait_for_job(request: Request, scheduler: Scheduler, job: Job, quality: Quality,
                        deadline: float) -> Response | None:
     """Wait until ``job`` is done (None), or cancel it and answer 504 past ``deadline`` (``time.perf_counter()``)
-    or 499 once the client has gone."""
+    or 499 once the client has gone. A 504 is counted as ``admitted_timeout``: admission estimated it would be
+    done in time, so beside the refusals for ``deadline`` it shows how far the estimate falls short."""
     metrics = get_metrics(request)
     while not job.future.done():
         remaining = deadline - time.perf_counter()
         if remaining <= 0:
             scheduler.cancel(job, "timeout")
-            timeout_s = get_settings(request).request_timeout_s
-            return rejection(metrics, 504, f"not done within {timeout_s} s", quality.value, "timeout")
+            return rejection(metrics, 504, f"not done within {deadline - job.received_at:g} s", quality.value,
+                             "admitted_timeout")
         await asyncio.wait({job.future}, timeout=min(0.05, remaining))
         if not job.future.done() and await request.is_disconnected():
             scheduler.cancel(job, "client_disconnected")

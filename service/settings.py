@@ -18,14 +18,29 @@ class Settings(BaseSettings):
     checkpoint: str = DEFAULT_CHECKPOINT
     device: str = Field("auto", description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
     tile: int = Field(DEFAULT_TILE, ge=8, description="core side of a tile, pixels (a multiple of 8)")
-    max_batch_tiles: int = Field(4, ge=1, description="most tiles in one batch (1 turns batching off)")
-    max_wait_ms: float = Field(5.0, ge=0, description="longest a batch waits to fill up")
+    max_batch_tiles: int = Field(4, ge=1, description="most tiles in one batch (1 turns batching off; on the CPU "
+                                 "under fair sharing a batch is one tile)")
+    max_wait_ms: float = Field(5.0, ge=0, description="longest a batch waits to fill up (not on the CPU under fair "
+                               "sharing)")
     max_queue_tiles: int = Field(512, ge=1, description="queued tiles over all widths before 503")
     latency_target_ms: float = Field(2000.0, ge=0, description="under load, auto gives up width to answer within "
                                      "this; 0 turns the controller off")
     max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1)
     max_pixels: int = Field(40_000_000, ge=1)
-    request_timeout_s: float = Field(300.0, gt=0)
+    request_timeout_s: float = Field(300.0, gt=0, description="504 past it; a request's deadline, at most; work "
+                                     "that cannot be done by its deadline is refused at once (503)")
+    fair_share: bool = Field(True, description="share the device between clients and their requests by deficit "
+                             "round robin; false: the oldest tile runs first")
+    max_client_pixels: int = Field(100_000_000, ge=0, description="image pixels one client may have in flight "
+                                   "before 429; 0: no limit")
+    max_request_seconds: float = Field(0.0, ge=0, description="413 for a request whose own compute, estimated at "
+                                       "the slimmest width it may run, is longer; 0: no ceiling but its deadline")
+    max_expansion_ratio: float = Field(10_000.0, ge=0, description="413 for an upload whose decoded pixels take "
+                                       "more times its bytes, read from the header before decoding; 0: no limit. "
+                                       "Photos and PNG screenshots stay far below it; flat lossless WebP and blank "
+                                       "Group 4 TIFF pages can pass it")
+    trusted_proxies: str = Field("", description="addresses or networks (comma-separated, '*': any) whose "
+                                 "X-Forwarded-For names the client; empty: none, the peer is the client")
     api_key: str | None = Field(None, description="when set, requests need 'Authorization: Bearer <key>'")
     protect_operations: bool = Field(False, description="with api_key: /metrics, /info and the API docs need it too")
     png_compress_level: int = Field(1, ge=0, le=9, description="zlib level of PNG answers: 1 encodes 4x "

@@ -267,3 +267,21 @@ def test_noise_table_has_one_row_per_noise_with_ffdnet_at_the_rms():
     rows = tables.noise_table(report).splitlines()[2:]
     assert rows[0].startswith("| AWGN σ=25 |")
     assert rows[-1] == "| jpeg80-awgn15 | 27.30 | 28.00 | 28.00 | 28.00 | 30.50 | -2.50 |"
+
+
+def test_the_mixed_load_summary_splits_by_size_class_and_checks_the_small_photos():
+    from benchmarks import load
+
+    records = [{"class": "small", "status": 200, "seconds": 0.2}, {"class": "small", "status": 200, "seconds": 0.4},
+               {"class": "small", "status": 503, "seconds": 0.01}, {"class": "large", "status": 200, "seconds": 9.0},
+               {"class": "large", "status": 429, "seconds": 0.01}]
+    rows = load.summarize_classes(records, 2.0, {"small": 0.25, "large": 20.0})
+    assert rows["small"]["statuses"] == {"200": 2, "503": 1} and rows["small"]["refused"] == 1
+    assert rows["small"]["p50_s"] == 0.3 and rows["small"]["goodput_mpix_per_s"] == 0.25
+    assert rows["large"]["refused"] == 1 and rows["large"]["goodput_per_s"] == 0.5
+    report = {"small_alone_p50_s": 0.5, "runs": [{"fair_share": True, "classes": rows}]}
+    checks = list(load.check_mixed(report).values())
+    assert [check["bar"] for check in checks] == [max(targets.MIXED_SMALL_MAX_S, 5.0), 1]
+    assert all(check["met"] for check in checks)
+    rows["large"]["statuses"] = {"429": 1}
+    assert not list(load.check_mixed(report).values())[1]["met"]

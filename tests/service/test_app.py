@@ -44,3 +44,20 @@ def test_serve_sets_the_connection_limits(tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: seen.update(options))
     assert serve("127.0.0.1", 0, tiny_checkpoint) == 0
     assert seen["timeout_keep_alive"] == 5.0 and seen["limit_concurrency"] == 256
+
+
+def test_serve_trusts_x_forwarded_for_only_from_the_proxies_configured(tiny_checkpoint, monkeypatch):
+    import uvicorn
+
+    from service.app import serve
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: seen.update(options))
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", "*")  # uvicorn's own setting is not what decides
+    assert serve("127.0.0.1", 0, tiny_checkpoint) == 0
+    # uvicorn's default would trust it from 127.0.0.1, where `make run` serves clients directly.
+    assert seen["proxy_headers"] is False and "forwarded_allow_ips" not in seen
+    seen.clear()
+    monkeypatch.setenv("DDSNET_TRUSTED_PROXIES", "172.18.0.0/16")
+    assert serve("127.0.0.1", 0, tiny_checkpoint) == 0
+    assert seen["proxy_headers"] is True and seen["forwarded_allow_ips"] == "172.18.0.0/16"

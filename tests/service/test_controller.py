@@ -180,3 +180,33 @@ def test_max_latency_ms_is_checked_against_the_target(make_client, photo):
     off, _ = make_client(latency_target_ms=0)
     refused = off.post("/denoise", params={"max_latency_ms": 100}, files=payload)
     assert refused.status_code == 422 and "controller, which is off" in refused.json()["detail"]
+
+
+@pytest.mark.parametrize("target", [1.0, 0.0])  # the hard bounds hold with the latency target off too
+def test_a_deadline_makes_auto_slimmer_even_unloaded_and_the_slimmest_is_left_for_refusal(target):
+    controller = measured(target=target)
+    # Alone, 1,000,000 pixels take 4 s at 0, 2 s at 1, 1 s at 2.
+    assert controller.choose(0, 1_000_000, {}).subnet == 0
+    decision = controller.choose(0, 1_000_000, {}, deadline_seconds=2.5)
+    assert (decision.subnet, decision.reason, decision.estimated_seconds) == (1, "deadline", pytest.approx(2.0))
+    assert controller.choose(0, 1_000_000, {}, max_own_seconds=1.5).subnet == 2
+    assert controller.downgrades == 2
+    hopeless = controller.choose(0, 1_000_000, {}, deadline_seconds=0.5)
+    assert (hopeless.subnet, hopeless.reason) == (2, "deadline") and hopeless.estimated_seconds > 0.5
+    assert controller.downgrades == 2  # left for the caller to refuse: not a downgrade
+
+
+def test_with_the_target_off_load_alone_never_changes_the_pick():
+    ahead = {0: 10_000_000}  # 40 s queued
+    decision = measured(target=0.0).choose(0, 100_000, ahead, deadline_seconds=100.0)
+    assert (decision.subnet, decision.reason) == (0, "gate")
+
+
+def test_the_wait_can_come_from_the_scheduler_instead_of_the_whole_backlog():
+    ahead = {0: 10_000_000}  # 40 s queued, all ahead when tiles run oldest first
+    assert measured(target=1.0).choose(0, 100_000, ahead).subnet == 2
+    fair_share = {0: 0.8, 1: 0.5, 2: 0.3}  # seconds until done at each width, from the scheduler
+    shared = measured(target=1.0).choose(0, 100_000, ahead, finish=fair_share.__getitem__)
+    assert (shared.subnet, shared.reason, shared.estimated_seconds) == (0, "gate", pytest.approx(0.8))
+    bounded = measured(target=1.0).choose(0, 100_000, ahead, finish=fair_share.__getitem__, deadline_seconds=0.6)
+    assert (bounded.subnet, bounded.reason, bounded.estimated_seconds) == (1, "deadline", pytest.approx(0.5))

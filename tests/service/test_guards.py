@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 from starlette.requests import Request
 
 from service.app import build_app
-from service.guards import OPERATIONS_PATHS, authorized
+from service.guards import OPERATIONS_PATHS, authorized, client_identity
 from service.settings import Settings
 from tests.service.conftest import metric_value, png_bytes, post
 
@@ -96,3 +96,24 @@ def test_protect_operations_puts_metrics_info_and_the_docs_behind_the_key(make_c
         assert client.get(path).status_code == 401, path
         assert client.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200, path
     assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+
+
+def test_a_client_is_its_peer_address_whatever_key_it_presents():
+    def request(peer: str | None, headers: dict[str, str] | None = None) -> Request:
+        scope = {"type": "http", "method": "POST", "path": "/denoise", "query_string": b"",
+                 "headers": [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]}
+        return Request({**scope, "client": (peer, 5000) if peer else None})
+
+    # One key shared by every client must not make them one client.
+    keyed = {"Authorization": "Bearer k1"}
+    assert client_identity(request("10.0.0.1", keyed)) != client_identity(request("10.0.0.2", keyed))
+    assert client_identity(request("10.0.0.1", keyed)) == client_identity(request("10.0.0.1")) == "peer:10.0.0.1"
+    # A forged X-Forwarded-For is not read here: uvicorn rewrites the peer only for trusted proxies.
+    assert client_identity(request("10.0.0.1", {"X-Forwarded-For": "10.9.9.9"})) == "peer:10.0.0.1"
+    # IPv6: one /64 is one client, however many of its addresses it uses.
+    assert client_identity(request("2001:db8:0:1::5")) == client_identity(request("2001:db8:0:1:ffff::9"))
+    assert client_identity(request("2001:db8:0:1::5")) == "peer:2001:db8:0:1::/64"
+    assert client_identity(request("2001:db8:0:2::5")) != client_identity(request("2001:db8:0:1::5"))
+    assert client_identity(request("::ffff:10.0.0.1")) == "peer:10.0.0.1"
+    assert client_identity(request("testclient")) == "peer:testclient"
+    assert client_identity(request(None)) == "peer:unknown"

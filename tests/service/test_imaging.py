@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import io
 import struct
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from service.imaging import ImageError, check_output_format, decode_image, encode_image, media_type
+from service.imaging import (
+    MAX_BYTES_PER_PIXEL,
+    ImageError,
+    check_output_format,
+    decode_image,
+    decoded_bytes,
+    encode_image,
+    media_type,
+    probe,
+)
+from service.settings import Settings
 from tests.service.conftest import encoded, png_bytes, post
 
 
@@ -102,3 +113,37 @@ def test_an_output_format_that_cannot_carry_the_input_is_refused():
         assert caught.value.reason == "bad_output"
     assert check_output_format(rgba, "PNG") == "PNG" and check_output_format(rgba, "webp") == "WEBP"
     assert media_type("jpg") == "image/jpeg" and media_type("webp") == "image/webp"
+
+
+def test_an_upload_that_expands_past_the_ratio_is_refused_before_decoding(make_client, monkeypatch):
+    bomb = webp_claiming(6000, 6000)  # a valid flat image: 108 MB of pixels from tens of bytes
+    with pytest.raises(ImageError, match="DDSNET_MAX_EXPANSION_RATIO=10000") as caught:
+        decode_image(bomb, max_expansion=10_000)
+    assert caught.value.reason == "expansion"
+    photo = encoded(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8), "JPEG")
+    assert decode_image(photo, max_expansion=10_000).size == (64, 64)
+    client, batches = make_client()
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("the pixels were decoded"))
+    response = post(client, bomb, "bomb.webp")
+    assert response.status_code == 413 and response.headers["content-type"] == "application/json"
+    assert "DDSNET_MAX_EXPANSION_RATIO" in response.json()["detail"] and not batches
+
+
+def test_the_default_expansion_limit_refuses_flat_lossless_webp_and_blank_fax_pages_but_not_png_screenshots():
+    limit = Settings().max_expansion_ratio
+    flat = np.full((1080, 1920, 3), 200, np.uint8)  # a flat 1920x1080 frame: 132 bytes of lossless WebP
+    with pytest.raises(ImageError) as webp:
+        probe(encoded(flat, "WEBP", lossless=True), max_expansion=limit)
+    page = io.BytesIO()
+    Image.new("1", (5100, 6600), 1).save(page, "TIFF", compression="group4")  # a blank letter page at 600 dpi
+    with pytest.raises(ImageError) as fax:
+        probe(page.getvalue(), max_expansion=limit)
+    assert webp.value.reason == fax.value.reason == "expansion"
+    assert probe(encoded(flat, "PNG"), max_expansion=limit).size == (1920, 1080)  # 724 times: deflate's limit
+    assert probe(encoded(flat, "WEBP", lossless=True), max_expansion=0).size == (1920, 1080)  # 0: no limit
+
+
+def test_the_decoded_size_of_a_mode_pillow_does_not_list_counts_the_most_bytes_a_pixel_takes():
+    assert decoded_bytes(SimpleNamespace(mode="RGB", size=(10, 20))) == 600
+    assert decoded_bytes(SimpleNamespace(mode="I;16", size=(10, 20))) == 400
+    assert decoded_bytes(SimpleNamespace(mode="XYZ;7", size=(10, 20))) == 200 * MAX_BYTES_PER_PIXEL == 800

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -130,12 +131,23 @@ def test_queue_full_is_503_with_retry_after(make_client):
     assert "queue full" in response.json()["detail"]
 
 
+def set_speed(client, seconds_per_pixel: float) -> None:
+    """Every width's measured speed, in place of what the warm-up timed on a machine under unknown load."""
+    scheduler = client.app.state.scheduler
+    scheduler.controller.seconds_per_pixel = dict.fromkeys(range(len(scheduler.denoiser.subnets)), seconds_per_pixel)
+
+
 def test_request_timeout_is_504_and_its_tiles_are_dropped(make_client, photo):
-    client, batches = make_client(request_timeout_s=0.3, max_wait_ms=5000, max_batch_tiles=64)
+    # Oldest first, so that the batch waits 5 s to fill on the CPU too; admission estimates next to nothing.
+    client, batches = make_client(request_timeout_s=0.3, max_wait_ms=5000, max_batch_tiles=64, fair_share=False)
+    set_speed(client, 1e-12)
     response = post(client, png_bytes(photo))
     assert response.status_code == 504
     metrics = client.get("/metrics").text
     assert metric_value(metrics, "ddsnet_dropped_tiles_total", reason="timeout") >= 1
+    # Admitted, then late: counted apart from the refusals at admission, which the estimate decides.
+    assert metric_value(metrics, "ddsnet_rejections_total", reason="admitted_timeout") == 1
+    assert metric_value(metrics, "ddsnet_rejections_total", reason="deadline") == 0
     assert batches == []
 
 
@@ -187,7 +199,8 @@ def test_metrics_move_with_requests(make_client, photo):
 
 
 def test_concurrent_mixed_requests_each_get_one_right_answer_and_batches_never_mix_widths(make_client):
-    client, batches = make_client(max_batch_tiles=8, max_wait_ms=20)
+    # Oldest first: fairly on the CPU a batch is one tile (tests/service/test_scheduler.py fills fair GPU batches).
+    client, batches = make_client(max_batch_tiles=8, max_wait_ms=20, fair_share=False)
     rng = np.random.default_rng(1)
     sizes = [(40, 60), (130, 70), (200, 150), (64, 64), (90, 250), (33, 47)] * 3
     qualities = ["auto", "fast", "best"] * 6
@@ -376,3 +389,143 @@ def test_a_profile_the_checkpoint_lacks_is_a_json_422(make_client, photo):
     client, _ = make_client()
     response = post(client, png_bytes(photo), noise="compressed")
     assert response.status_code == 422 and "no compressed profile" in response.json()["detail"]
+
+
+def test_interleaved_requests_answer_exactly_what_the_cli_does(make_client, tiny_checkpoint, tmp_path, capsys):
+    rng = np.random.default_rng(7)
+    cases = [("large.png", (300, 260), "best"), ("small0.png", (40, 60), "auto"), ("small1.png", (64, 64), "fast"),
+             ("small2.png", (33, 47), "best")]
+    for name, size, quality in cases:
+        (tmp_path / name).write_bytes(png_bytes(rng.integers(0, 255, (*size, 3), dtype=np.uint8)))
+        assert cli_main(["denoise", str(tmp_path / name), "-o", str(tmp_path / f"cli-{name}"), "--checkpoint",
+                         tiny_checkpoint, "--quality", quality, "--tile", "64", "--backend", "torch"]) == 0
+    capsys.readouterr()
+    # The controller off: under this load, auto must still be the gate's pick, as in the CLI.
+    client, batches = make_client(max_batch_tiles=4, max_wait_ms=0, latency_target_ms=0)
+    scheduler = client.app.state.scheduler
+    original = scheduler.run_windows
+    first_window, release = threading.Event(), threading.Event()
+
+    def held(windows, index):
+        first_window.set()
+        release.wait(timeout=30)  # the small requests queue behind the large one's first batch
+        return original(windows, index)
+
+    scheduler.run_windows = held
+
+    def send(case):
+        name, _, quality = case
+        return post(client, (tmp_path / name).read_bytes(), name, quality=quality)
+
+    def jobs_queued() -> int:
+        return sum(len(jobs) for jobs in scheduler.lanes.values())
+
+    with ThreadPoolExecutor(len(cases)) as pool:
+        large = pool.submit(send, cases[0])
+        assert first_window.wait(timeout=30)
+        smalls = [pool.submit(send, case) for case in cases[1:]]
+        deadline = time.monotonic() + 30
+        while client.portal.call(jobs_queued) < len(cases) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        release.set()
+        responses = [large.result(), *(future.result() for future in smalls)]
+    ran = [job for _, jobs in batches for job in jobs]
+    large_job = max(set(ran), key=lambda job: len(job.image.tiles))
+    last_small = max(position for position, job in enumerate(ran) if job is not large_job)
+    assert any(job is large_job for job in ran[last_small:]), "the small requests did not run between its tiles"
+    for (name, _, _), response in zip(cases, responses):
+        assert response.status_code == 200, response.text
+        served = np.asarray(Image.open(io.BytesIO(response.content)))
+        assert np.array_equal(served, np.asarray(Image.open(tmp_path / f"cli-{name}"))), name
+
+
+def test_work_that_cannot_be_done_by_its_deadline_is_refused_at_once(make_client, photo, monkeypatch):
+    import service.routes
+
+    client, batches = make_client()
+
+    def no_decode(*args):
+        raise AssertionError("the image was decoded")
+
+    monkeypatch.setattr(service.routes, "decode_image", no_decode)  # refused from the header's size
+    response = post(client, png_bytes(photo), quality="best", deadline_ms=0.001)
+    assert response.status_code == 503 and response.headers["content-type"] == "application/json"
+    assert "Retry-After" not in response.headers  # not even alone: a retry cannot help
+    assert "cannot be done by its deadline even with nothing queued" in response.json()["detail"]
+    assert "cannot help" in response.json()["detail"] and "deadline_ms=0.001" in response.json()["detail"]
+    assert batches == []
+    monkeypatch.undo()
+    metrics = client.get("/metrics").text
+    assert metric_value(metrics, "ddsnet_rejections_total", reason="deadline") == 1
+    assert metric_value(metrics, "ddsnet_requests_total", quality="best", status="503") == 1
+    assert post(client, png_bytes(photo), quality="best", deadline_ms=60_000).status_code == 200
+
+
+def test_a_deadline_past_the_request_timeout_is_capped_by_it(make_client, photo):
+    client, batches = make_client(request_timeout_s=0.3, max_wait_ms=5000, max_batch_tiles=64, fair_share=False)
+    set_speed(client, 1e-12)  # admitted: estimated next to nothing; then held by the wait to fill a batch
+    response = post(client, png_bytes(photo), deadline_ms=600_000)
+    assert response.status_code == 504 and response.json()["detail"] == "not done within 0.3 s"
+    set_speed(client, 1e-3)  # tens of seconds: within 600 s, not within the timeout
+    refused = post(client, png_bytes(photo), deadline_ms=600_000)
+    assert refused.status_code == 503 and "(DDSNET_REQUEST_TIMEOUT_S=0.3)" in refused.json()["detail"]
+    assert batches == []
+
+
+def test_a_busy_client_gets_a_429_with_the_seconds_of_its_work_in_flight(make_client, photo):
+    client, _ = make_client(max_client_pixels=int(1.5 * photo.shape[0] * photo.shape[1]))
+    scheduler = client.app.state.scheduler
+    original = scheduler.run_windows
+    running, release = threading.Event(), threading.Event()
+
+    def held(windows, index):
+        running.set()
+        release.wait(timeout=30)  # the first request's first tile runs while the second one arrives
+        return original(windows, index)
+
+    scheduler.run_windows = held
+    tiles, window_pixels = scheduler.plan(*photo.shape[:2])
+    rate = 3.5 / (window_pixels * (tiles - 1) / tiles)  # its queued tiles: 3.5 s, and its running one
+    set_speed(client, rate)
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(post, client, png_bytes(photo), quality="best")
+        assert running.wait(timeout=30)
+        busy = post(client, png_bytes(photo))
+        release.set()
+        assert first.result().status_code == 200
+    assert busy.status_code == 429 and "DDSNET_MAX_CLIENT_PIXELS" in busy.json()["detail"]
+    running_seconds = rate * window_pixels / tiles  # of it, whatever is left when the second one arrives
+    assert 4 <= int(busy.headers["Retry-After"]) <= int(np.ceil(3.5 + running_seconds))
+    metrics = client.get("/metrics").text
+    assert metric_value(metrics, "ddsnet_rejections_total", reason="client_busy") == 1
+    assert metric_value(metrics, "ddsnet_rejections_total", reason="client_pixels") == 0
+
+
+@pytest.mark.parametrize("setting, value, name", [
+    ("max_client_pixels", 1000, "DDSNET_MAX_CLIENT_PIXELS=1000"),
+    ("max_request_seconds", 1e-9, "DDSNET_MAX_REQUEST_SECONDS=1e-09"),
+])
+def test_a_request_over_a_cost_limit_is_a_json_413_naming_it(make_client, photo, setting, value, name, monkeypatch):
+    import service.routes
+
+    client, batches = make_client(**{setting: value})
+    monkeypatch.setattr(service.routes, "decode_image", lambda *args: pytest.fail("the image was decoded"))
+    response = post(client, png_bytes(photo))
+    assert response.status_code == 413 and name in response.json()["detail"]
+    assert batches == []
+    reason = {"max_client_pixels": "client_pixels", "max_request_seconds": "request_seconds"}[setting]
+    assert metric_value(client.get("/metrics").text, "ddsnet_rejections_total", reason=reason) == 1
+
+
+@pytest.mark.parametrize("fair, policy", [(True, "fair"), (False, "oldest_first")])
+def test_info_shows_the_sharing_policy_the_clients_and_the_limits(make_client, photo, fair, policy):
+    client, _ = make_client(fair_share=fair, max_client_pixels=5_000_000)
+    assert post(client, png_bytes(photo)).status_code == 200
+    info = client.get("/info").json()
+    assert info["sharing"]["policy"] == policy
+    assert info["sharing"]["clients"] == [] and info["sharing"]["clients_in_flight"] == 0  # all answered
+    assert info["limits"] == {"request_timeout_s": 300.0, "max_client_pixels": 5_000_000, "max_request_seconds": 0.0,
+                              "max_expansion_ratio": 10_000.0}
+    schema = client.get("/openapi.json").json()
+    assert "429" in schema["paths"]["/denoise"]["post"]["responses"]
+    assert "deadline_ms" in {p["name"] for p in schema["paths"]["/denoise"]["post"]["parameters"]}

@@ -30,3 +30,18 @@ def test_an_unknown_backend_is_refused():
 def test_a_tile_below_the_smallest_window_is_refused():
     with pytest.raises(ValidationError):
         Settings(tile=0)
+
+
+def test_the_sharing_and_cost_limit_settings_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("DDSNET_FAIR_SHARE", "false")
+    monkeypatch.setenv("DDSNET_MAX_CLIENT_PIXELS", "0")
+    monkeypatch.setenv("DDSNET_MAX_REQUEST_SECONDS", "30")
+    monkeypatch.setenv("DDSNET_MAX_EXPANSION_RATIO", "5000")
+    assert Settings().trusted_proxies == ""  # by default no proxy is trusted
+    monkeypatch.setenv("DDSNET_TRUSTED_PROXIES", "10.0.0.2,172.18.0.0/16")
+    settings = Settings()
+    assert settings.trusted_proxies == "10.0.0.2,172.18.0.0/16"
+    assert not settings.fair_share and settings.max_client_pixels == 0
+    assert settings.max_request_seconds == 30 and settings.max_expansion_ratio == 5000
+    with pytest.raises(ValidationError):
+        Settings(max_expansion_ratio=-1)

@@ -16,8 +16,9 @@ from tests.service.conftest import metric_value, png_bytes, uvicorn_server
 @pytest.fixture
 def live_server(tiny_checkpoint):
     batches: list = []
-    # Tiles wait up to 3 s for a batch to fill, which leaves the client time to hang up first.
-    settings = Settings(checkpoint=tiny_checkpoint, tile=64, max_wait_ms=3000, max_batch_tiles=64)
+    # Tiles wait up to 3 s for a batch to fill, which leaves the client time to hang up first; oldest first,
+    # as fairly on the CPU a batch is one tile and never waits.
+    settings = Settings(checkpoint=tiny_checkpoint, tile=64, max_wait_ms=3000, max_batch_tiles=64, fair_share=False)
     app = build_app(settings, on_batch=lambda subnet, jobs: batches.append((subnet, jobs)))
     with uvicorn_server(app) as (base, port):
         yield base, port, batches
