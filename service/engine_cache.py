@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -51,6 +52,7 @@ def default_root() -> Path:
     return Path(base) / "ddsnet"
 
 
+@functools.cache
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     with contextlib.suppress(OSError):
@@ -60,8 +62,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.cache
 def engine_version(backend: str) -> str:
-    """The installed version of ``backend``'s runtime."""
+    """The installed version of ``backend``'s runtime (read once: every measurement and folder names it)."""
     try:
         return importlib.metadata.version(DISTRIBUTIONS[backend])
     except importlib.metadata.PackageNotFoundError:
