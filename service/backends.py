@@ -391,7 +391,6 @@ class Runtimes(Mapping[int, Runtime]):
         self.cache = cache_for(denoiser, self.bound, threads, cache_dir)
         self.work = work
         self.probe_seconds: dict[int, dict[str, float]] = {}
-        self.expected_seconds: dict[int, dict[str, float]] = {}
         self.built_count = 0  # engines built from the checkpoint (not loaded from the cache) in this process
         self._observed: dict[int, list[float]] = {}  # index -> [seconds, window pixels] run
         self._built: dict[int, Runtime] = {}
@@ -473,10 +472,10 @@ class Runtimes(Mapping[int, Runtime]):
                 start = known.build_s if known else PRIOR_BUILD_S[name]
             return start + pixels * speed
 
-        self.expected_seconds[index] = {name: expected(name) for name in self.names}
-        name = min(self.names, key=self.expected_seconds[index].__getitem__)
+        seconds = {name: expected(name) for name in self.names}
+        name = min(self.names, key=seconds.__getitem__)
         log.info("sub-network %d runs on %s for %.2f MPixels (expected: %s)", index, name, pixels / 1e6, ", ".join(
-            f"{n} {seconds:.2f} s" for n, seconds in self.expected_seconds[index].items()))
+            f"{n} {s:.2f} s" for n, s in seconds.items()))
         return name
 
     def _observe(self, index: int, runtime: Runtime) -> Runtime:
