@@ -1,4 +1,8 @@
-"""The ``ddsnet-train`` command (also ``python -m training``): the three training stages and ``eval``."""
+"""The ``ddsnet-train`` command (also ``python -m training``): the three training stages and ``eval``.
+
+``torchrun --nproc-per-node N -m training supernet|tailor|profile ...`` trains those stages data-parallel over N
+processes (:mod:`training.distributed`); every other command runs in one process.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,16 @@ import shlex
 import sys
 
 from model.checkpoint import DEFAULT_CHECKPOINT
+from model.inference import resolve_device
 from training.config import CONFIG_DIR
 from training.degradations import EVAL_DEGRADATIONS, EVAL_SIGMAS, NON_AWGN
+from training.distributed import World, process_group
 
 # The state each resumable stage saves in its out_dir.
 RESUMABLE = {"supernet": "state.safetensors", "tailor": "finetune_state.safetensors",
              "profile": "finetune_state.safetensors"}
+# The stages that train data-parallel under torchrun.
+DATA_PARALLEL = ("supernet", "tailor", "profile")
 STAGES = (
     ("supernet", "stage 1: sandwich-rule supernet training with in-place distillation"),
     ("tailor", "stage 2: greedy progressive channel tailoring into K sub-networks"),
@@ -86,19 +94,22 @@ def run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_yaml(config), end="")
         return 0
-    if args.stage == "supernet":
-        from training.supernet import train_supernet
+    world = World.from_env()
+    with process_group(world, world.place(resolve_device(config.compute.device))):
+        if args.stage == "supernet":
+            from training.supernet import train_supernet
 
-        path = train_supernet(config, resume=args.resume)
-    elif args.stage in ("tailor", "profile"):
-        from training.tailor import tailor
+            path = train_supernet(config, resume=args.resume, world=world)
+        elif args.stage in ("tailor", "profile"):
+            from training.tailor import tailor
 
-        path = tailor(config, resume=args.resume)
-    else:
-        from training.gate import train_gate
+            path = tailor(config, resume=args.resume, world=world)
+        else:
+            from training.gate import train_gate
 
-        path = train_gate(config)
-    print(f"wrote {path}")
+            path = train_gate(config)
+    if world.main:
+        print(f"wrote {path}")
     return 0
 
 
@@ -126,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = argv
+    processes = World.from_env().size
+    if processes > 1 and getattr(args, "stage", None) not in DATA_PARALLEL:
+        print(f"error: ddsnet-train {args.command} runs in one process, but torchrun started {processes}; "
+              f"only {', '.join(DATA_PARALLEL)} train data-parallel, so run it without torchrun", file=sys.stderr)
+        return 2
     try:
         return args.handler(args)
     except (CheckpointError, FileNotFoundError, ValueError) as error:

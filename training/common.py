@@ -18,13 +18,19 @@ from training.data import PatchSampler, pair_label
 
 
 class JsonLog:
-    """Appends one JSON object per line; every record gets wall-clock ``time``."""
+    """Appends one JSON object per line; every record gets wall-clock ``time``.
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    ``enabled=False`` writes nothing: the log of a data-parallel run's other processes, whose records rank 0
+    writes.
+    """
+
+    def __init__(self, path: str | Path, enabled: bool = True) -> None:
+        self.path, self.enabled = Path(path), enabled
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, **record: object) -> None:
+        if not self.enabled:
+            return
         record = {"time": round(time.time(), 3), **record}
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")

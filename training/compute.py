@@ -4,7 +4,8 @@ The defaults (CPU, float32, batches made in the training process) keep a run bit
 resumable. On a GPU, ``device: auto`` (or ``cuda``), ``amp: bf16``, ``channels_last: true`` and
 ``workers: N`` keep it busy: N DataLoader processes cut the crops and add the noise while it trains. With
 workers, every step's crops and noise come from a seed made of the run's seed and the step, so the batches
-do not depend on the number of workers.
+do not depend on the number of workers. Under ``torchrun`` each process computes on its own device and
+trains on its rows of every batch (see :mod:`training.distributed`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from model.inference import resolve_device
 from training.data import PatchSampler, noisy_batch
+from training.distributed import ONE_PROCESS, World
 
 
 @dataclass
@@ -42,13 +44,18 @@ class ComputeConfig:
 
 
 class Compute:
-    """A resolved :class:`ComputeConfig`: the device, and how tensors and modules are placed on it."""
+    """A resolved :class:`ComputeConfig`: the device, and how tensors and modules are placed on it.
 
-    def __init__(self, config: ComputeConfig) -> None:
-        self.device = resolve_device(config.device)
+    Args:
+        config: the stage's compute settings.
+        world: the processes of a data-parallel run; this one's device is its own GPU among them.
+    """
+
+    def __init__(self, config: ComputeConfig, world: World = ONE_PROCESS) -> None:
+        self.device = world.place(resolve_device(config.device))
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"compute.device is {config.device!r}, but CUDA is not available")
-        self.config = config
+        self.config, self.world = config, world
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
 
     def module(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -87,9 +94,7 @@ class StepBatches(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         if self.sampler is None:  # loaded in each worker process, once
-            data = self.data
-            self.sampler = PatchSampler(data.train_dir, scale_range=data.scale_range,
-                                        texture_candidates=data.texture_candidates)
+            self.sampler = PatchSampler.for_data(self.data)
         for step in range(self.start + worker, self.stop, workers):
             crop, batch = self.shape(step)
             self.sampler.rng = random.Random(step_seed(self.seed, step))
@@ -99,15 +104,16 @@ class StepBatches(IterableDataset):
 
 
 def next_batch(batches: Iterator | None, sampler: PatchSampler, data, generator: torch.Generator, batch: int,
-               crop: int, compute: Compute) -> tuple[torch.Tensor, torch.Tensor]:
+               crop: int, compute: Compute, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
     """One step's ``(clean, noisy)`` on the compute device: from the workers' ``batches`` when there are
-    workers, else cut by ``sampler`` and corrupted in this process."""
+    workers, else cut by ``sampler`` and corrupted in this process. ``rows`` of the batch are kept (a process's
+    share of a data-parallel run's batch), cut before they are moved."""
     if batches is None:
         clean = sampler.sample(batch, crop)
         noisy = noisy_batch(clean, data, generator, sampler.rng)
     else:
         clean, noisy = next(batches)
-    return compute.tensor(clean), compute.tensor(noisy)
+    return compute.tensor(clean[rows]), compute.tensor(noisy[rows])
 
 
 def worker_batches(data, seed: int, start: int, stop: int, shape: Callable[[int], tuple[int, int]],

@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageOps
 
 from model.metrics import add_noise
+from training.deadleaves import DeadLeavesShape, dead_leaves, photo_palette
 from training.degradations import apply, degrade, eval_degradation
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
@@ -45,19 +46,34 @@ class PatchSampler:
         texture_candidates: draw this many candidate crops and keep the one with the most gradient energy.
             Wallpaper-like photos are mostly smooth; ``> 1`` shifts training towards the texture and edges
             that a denoiser must keep, where ``1`` samples crops uniformly.
+        dead_leaves: the fraction of crops that are synthetic dead-leaves images (:mod:`training.deadleaves`)
+            instead of photo crops, their colours drawn from the photos' pixels. At 0 the sampler draws
+            exactly what it drew before the option existed.
     """
 
+    PALETTE_SIZE = 8192
+
     def __init__(self, folder: str | Path, seed: int = 0, scale_range: tuple[float, float] = (1.0, 1.0),
-                 texture_candidates: int = 1) -> None:
+                 texture_candidates: int = 1, dead_leaves: float = 0.0) -> None:
         low, high = float(scale_range[0]), float(scale_range[1])
         if not 0 < low <= high <= 1:
             raise ValueError(f"scale_range must satisfy 0 < low <= high <= 1, got {scale_range}")
         if texture_candidates < 1:
             raise ValueError(f"texture_candidates must be >= 1, got {texture_candidates}")
+        if not 0 <= dead_leaves <= 1:
+            raise ValueError(f"dead_leaves must be a fraction in [0, 1], got {dead_leaves}")
         self.images = [load_rgb(p) for p in list_images(folder)]
         self.rng = random.Random(seed)
         self.scale_range = (low, high)
         self.texture_candidates = int(texture_candidates)
+        self.dead_leaves = float(dead_leaves)
+        self.palette = photo_palette(self.images, self.PALETTE_SIZE, seed) if self.dead_leaves else None
+
+    @classmethod
+    def for_data(cls, data, seed: int = 0) -> PatchSampler:
+        """The sampler of a ``DataConfig``'s training photos and crop settings."""
+        return cls(data.train_dir, seed=seed, scale_range=data.scale_range,
+                   texture_candidates=data.texture_candidates, dead_leaves=data.dead_leaves)
 
     def _crop(self, crop: int) -> torch.Tensor:
         image = self.rng.choice(self.images)
@@ -82,8 +98,11 @@ class PatchSampler:
         """``(B, 3, crop, crop)`` float in [0, 1]."""
         patches = []
         for _ in range(batch_size):
-            candidates = [self._crop(crop) for _ in range(self.texture_candidates)]
-            patch = max(candidates, key=self.texture) if len(candidates) > 1 else candidates[0]
+            if self.dead_leaves and self.rng.random() < self.dead_leaves:
+                patch = dead_leaves(crop, self.palette, self.rng, DeadLeavesShape())
+            else:
+                candidates = [self._crop(crop) for _ in range(self.texture_candidates)]
+                patch = max(candidates, key=self.texture) if len(candidates) > 1 else candidates[0]
             if self.rng.random() < 0.5:
                 patch = patch.flip(-1)
             patch = torch.rot90(patch, self.rng.randint(0, 3), dims=(-2, -1))

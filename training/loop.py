@@ -9,6 +9,10 @@ save. nanoGPT's ``train.py`` is the model: one loop, one ``get_lr``, read top to
 A run that stops early (``max_minutes``, ``stop_at``) saves and returns the step it reached; a resumed run
 starts the loop at that step, and because every random draw comes from state that the save holds (the crop
 sampler, the noise generator, and whatever the step keeps), it continues exactly as an uninterrupted run.
+
+Under ``torchrun`` the loop runs in every process (see :mod:`training.distributed`): each trains on its rows of
+the global batch, the logged losses are the means over the processes, and rank 0 alone logs, validates and
+saves; rank 0's clock decides ``max_minutes`` for all of them, so that they stop at the same step.
 """
 
 from __future__ import annotations
@@ -77,7 +81,9 @@ class Loop:
         steps: the step the loop ends at.
         train_step: one optimisation step on a batch ``(clean, noisy)``, each ``(B, 3, crop, crop)`` on the
             compute device: zero the gradients, compute the loss of the widths it trains, step the optimizers.
-            Returns the fields to log (losses, accuracies).
+            Returns the fields to log (losses, accuracies). In a data-parallel run the batch is this process's
+            rows, and the step averages the gradients over the processes
+            (:meth:`~training.distributed.World.average_gradients`) before it clips them.
         optimizers: whose learning rate ``lr`` sets at each step.
         lr: the learning rate at a step (see :func:`cosine_lr`).
         shape: the ``(crop, batch)`` at a step (see :func:`crop_for_step`).
@@ -126,8 +132,7 @@ class Batches:
     @classmethod
     def for_run(cls, data, seed: int, compute: Compute) -> Batches:
         """The crop sampler over ``data.train_dir`` and the noise generator, both seeded by ``seed``."""
-        sampler = PatchSampler(data.train_dir, seed=seed, scale_range=data.scale_range,
-                               texture_candidates=data.texture_candidates)
+        sampler = PatchSampler.for_data(data, seed)
         return cls(data, sampler, torch.Generator().manual_seed(seed), compute, seed)
 
     def reseed(self) -> None:
@@ -137,7 +142,8 @@ class Batches:
 
     def stream(self, start: int, stop: int, shape: Callable[[int], tuple[int, int]]
                ) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
-        """A function from a step to its batch, for the steps ``start .. stop - 1`` in order."""
+        """A function from a step to its batch (this process's rows of it), for the steps ``start .. stop - 1``
+        in order."""
         workers: Iterator | None = None
         if self.compute.config.workers:
             workers = worker_batches(self.data, self.seed, start, stop, shape, self.compute.config.workers,
@@ -145,7 +151,8 @@ class Batches:
 
         def batch_at(step: int) -> tuple[torch.Tensor, torch.Tensor]:
             crop, batch = shape(step)
-            return next_batch(workers, self.sampler, self.data, self.generator, batch, crop, self.compute)
+            return next_batch(workers, self.sampler, self.data, self.generator, batch, crop, self.compute,
+                              self.compute.world.rows(batch))
 
         return batch_at
 
@@ -158,8 +165,11 @@ def run_loop(loop: Loop, batches: Batches, start: int = 0, started: float | None
     """
     started = time.time() if started is None else started
     this_start = time.time()
+    world = batches.compute.world
+    if world.size > 1:  # refused before the first step rather than at the schedule's switch
+        world.check_batches(loop.shape(at)[1] for at in range(start, loop.steps))
     batch_at = batches.stream(start, loop.steps, loop.shape)
-    progress = tqdm(total=loop.steps, initial=start, desc=loop.name, dynamic_ncols=True)
+    progress = tqdm(total=loop.steps, initial=start, desc=loop.name, dynamic_ncols=True, disable=not world.main)
     step = start
     while step < loop.steps:
         lr = loop.lr(step)
@@ -175,15 +185,17 @@ def run_loop(loop: Loop, batches: Batches, start: int = 0, started: float | None
         progress.update(1)
         elapsed = time.time() - started
         if loop.due(step, loop.log_every):
-            loop.log.write(**{loop.step_key: step}, **loop.log_fields, lr=lr, crop=crop, batch=batch, **record,
-                           seconds=round(elapsed, 1))
+            record = world.mean_record(record)
+            if world.main:
+                loop.log.write(**{loop.step_key: step}, **loop.log_fields, lr=lr, crop=crop, batch=batch, **record,
+                               seconds=round(elapsed, 1))
             progress.set_postfix({key: f"{value:.4f}" for key, value in record.items() if isinstance(value, float)},
                                  lr=f"{lr:.2e}")
-        if loop.validate is not None and loop.due(step, loop.val_every):
+        if world.main and loop.validate is not None and loop.due(step, loop.val_every):
             loop.log.write(**{loop.step_key: step}, **loop.validate(), seconds=round(elapsed, 1))
-        over_time = loop.max_minutes > 0 and time.time() - this_start > 60 * loop.max_minutes
+        over_time = loop.max_minutes > 0 and world.share(time.time() - this_start > 60 * loop.max_minutes)
         stop = over_time or step == loop.stop_at
-        if loop.save is not None and (loop.due(step, loop.save_every) or stop):
+        if world.main and loop.save is not None and (loop.due(step, loop.save_every) or stop):
             loop.save(step, elapsed)
         if stop:
             break

@@ -29,6 +29,7 @@ from training.common import (
 from training.compute import Compute
 from training.config import CONFIG_FILE, SandwichLoss, SupernetStage, save_config
 from training.data import PatchSampler, validation_pairs
+from training.distributed import ONE_PROCESS, World
 from training.loop import Batches, Ema, Loop, cosine_lr, crop_for_step, run_loop
 from training.provenance import data_digests, provenance, stage_record
 
@@ -73,12 +74,13 @@ def reconstruction_loss(kind: str, output: torch.Tensor, clean: torch.Tensor, te
 
 
 def sandwich_backward(net: SlimUNet, noisy: torch.Tensor, clean: torch.Tensor, members: list[WidthConfig],
-                      config: SandwichLoss) -> tuple[float, list[float]]:
+                      config: SandwichLoss, world: World = ONE_PROCESS) -> tuple[float, list[float]]:
     """Accumulate one sandwich step's gradients and clip them; returns the widest's loss and each member's.
 
     The widest learns from the clean image, its loss weighted by ``config.widest_weight``; every member from
     the clean image and, in-place distillation, from the widest's detached output. The losses returned are
-    unweighted.
+    unweighted. In a data-parallel ``world`` the batch is this process's rows, and the accumulated gradients
+    are averaged over the processes before the clipping, which then sees the global batch's gradient.
     """
     # Under bf16 autocast the outputs are bfloat16; the losses are computed in float32.
     teacher = net(noisy, net.widest()).float()
@@ -91,6 +93,7 @@ def sandwich_backward(net: SlimUNet, noisy: torch.Tensor, clean: torch.Tensor, m
                                           config.distill_weight, config.log_mse_eps)
         member_loss.backward()
         member_losses.append(member_loss.item())
+    world.average_gradients(net.parameters())
     torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
     return loss_widest.item(), member_losses
 
@@ -127,15 +130,21 @@ def export_supernet(path: Path, ema: SlimUNet, provenance: dict) -> None:
     save_checkpoint(path, ema, gate, subnets, gate_trained=False, provenance=provenance)
 
 
-def train_supernet(config: SupernetStage, resume: bool = False) -> Path:
-    """Run (or continue) stage 1; returns the exported checkpoint path."""
+def train_supernet(config: SupernetStage, resume: bool = False, world: World = ONE_PROCESS) -> Path:
+    """Run (or continue) stage 1; returns the exported checkpoint path.
+
+    ``world``: the processes of a data-parallel run (``torchrun``), each of which calls this; rank 0 writes
+    the files.
+    """
     check_loss(config.loss)
     check_save_every(config.save_every)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, out_dir / CONFIG_FILE)
+    if world.main:
+        save_config(config, out_dir / CONFIG_FILE)
+    # The same seed everywhere: every process starts from the same weights.
     torch.manual_seed(config.seed)
-    compute = Compute(config.compute)
+    compute = Compute(config.compute, world)
     net = compute.module(SlimUNet(SupernetConfig.from_dict(config.model)))
     ema = Ema(net, compute.module(SlimUNet(net.config)), config.ema_decay)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
@@ -158,7 +167,7 @@ def train_supernet(config: SupernetStage, resume: bool = False) -> Path:
         optimizer.zero_grad(set_to_none=True)
         members = [slimmest] + [net.random_widths(width_rng) for _ in range(config.random_widths)]
         with compute.autocast():
-            loss_widest, member_losses = sandwich_backward(net, noisy, clean, members, config)
+            loss_widest, member_losses = sandwich_backward(net, noisy, clean, members, config, world)
         optimizer.step()
         return {"loss_widest": round(loss_widest, 6), "loss_slimmest": round(member_losses[0], 6),
                 "loss_random": [round(x, 6) for x in member_losses[1:]]}

@@ -6,7 +6,9 @@ next target fraction, the configuration is recorded. The result is a table of K 
 Optionally (``finetune_steps``) the supernet is then fine-tuned on those K configurations only, so that the
 weights it shares serve the configurations that ship rather than every possible one; the fine-tune saves
 its state as it goes and continues with ``--resume``, like stage 1. ``refill`` first gives back what the
-cuts overshot: it widens each sub-network, a step at a time, as far as its FLOPs target allows.
+cuts overshot: it widens each sub-network, a step at a time, as far as its FLOPs target allows. Under
+``torchrun`` the fine-tune is data-parallel (:mod:`training.distributed`); every process runs the search, rank
+0's configurations are the ones trained, and rank 0 writes the tables and the checkpoint.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from training.common import (
 from training.compute import Compute
 from training.config import CONFIG_FILE, ProfileStage, TailorStage, save_config
 from training.data import fixed_noisy_set, validation_pairs
+from training.distributed import ONE_PROCESS, World
 from training.loop import Batches, Loop, cosine_lr, run_loop
 from training.provenance import data_digests, provenance, stage_record
 from training.supernet import check_loss, check_save_every, sandwich_backward
@@ -250,7 +253,7 @@ def finetune(net: SlimUNet, configs: list[WidthConfig], config: TailorStage, log
     def train_step(clean: torch.Tensor, noisy: torch.Tensor) -> dict:
         optimizer.zero_grad(set_to_none=True)
         with compute.autocast():
-            loss_widest, member_losses = sandwich_backward(net, noisy, clean, members, config)
+            loss_widest, member_losses = sandwich_backward(net, noisy, clean, members, config, compute.world)
         optimizer.step()
         return {"loss_widest": round(loss_widest, 6), "loss_members": [round(x, 6) for x in member_losses]}
 
@@ -284,7 +287,7 @@ def _resumed(config: TailorStage, state_path: Path, compute: Compute
     """A stopped fine-tune reopened from its state: the network (weights loaded later, with the optimizer),
     its configurations, the state's meta, the log and the time the run's elapsed seconds count from."""
     meta = read_state_meta(state_path)
-    log = JsonLog(Path(config.out_dir) / "log.jsonl")
+    log = JsonLog(Path(config.out_dir) / "log.jsonl", enabled=compute.world.main)
     net = compute.module(SlimUNet(SupernetConfig.from_dict(meta["model"])))
     configs = [tuple(c) for c in meta["configs"]]
     started = time.time() - float(meta["elapsed_s"])
@@ -292,7 +295,8 @@ def _resumed(config: TailorStage, state_path: Path, compute: Compute
     meta["resumes"] = (len(resumes) if isinstance(resumes, list) else int(resumes)) + 1
     meta.setdefault("source_sha256", "")
     meta.setdefault("data_sha256", data_digests(config.data, train=True))
-    save_config(config, Path(config.out_dir) / CONFIG_FILE)
+    if compute.world.main:
+        save_config(config, Path(config.out_dir) / CONFIG_FILE)
     log.write(resumed_at_step=int(meta["step"]), seconds=round(time.time() - started, 1))
     return net, configs, meta, log, started
 
@@ -311,8 +315,9 @@ def _fresh(config: TailorStage, compute: Compute) -> tuple[SlimUNet, list[WidthC
     if config.refill and kept is not None and len(config.targets) != len(kept) - 1:
         raise ValueError(f"refill: targets gives {len(config.targets)} FLOPs fractions for the "
                          f"{len(kept) - 1} sub-networks after the widest; give one for each")
-    save_config(config, Path(config.out_dir) / CONFIG_FILE)
-    log = JsonLog(Path(config.out_dir) / "log.jsonl")
+    if compute.world.main:
+        save_config(config, Path(config.out_dir) / CONFIG_FILE)
+    log = JsonLog(Path(config.out_dir) / "log.jsonl", enabled=compute.world.main)
     started = time.time()
     if kept is None:
         configs = _search(net, config, log, started)
@@ -327,34 +332,40 @@ def _fresh(config: TailorStage, compute: Compute) -> tuple[SlimUNet, list[WidthC
     return net, configs, meta, log, started
 
 
-def tailor(config: TailorStage, resume: bool = False) -> Path:
+def tailor(config: TailorStage, resume: bool = False, world: World = ONE_PROCESS) -> Path:
     """Run stage 2 on the supernet checkpoint; writes the tailored checkpoint and ``table.json``.
 
     With ``finetune_steps`` the table is measured before the fine-tune too (``table_before_finetune.json``),
     so what the fine-tune bought is on record. A fine-tune stopped early (``max_minutes``, ``stop_at``)
     returns its state file instead; ``resume`` continues it from there, with the configurations and
-    provenance the state holds, and then writes the table and the checkpoint.
+    provenance the state holds, and then writes the table and the checkpoint. ``world``: the processes of a
+    data-parallel fine-tune (``torchrun``), each of which calls this; rank 0 writes the files.
     """
     check_loss(config.loss)
     check_save_every(config.save_every)
     out_dir = Path(config.out_dir)
     state_path = out_dir / FINETUNE_STATE_FILE
-    compute = Compute(config.compute)
+    compute = Compute(config.compute, world)
     opened = _resumed(config, state_path, compute) if resume else _fresh(config, compute)
     net, configs, meta, log, started = opened
+    # Rank 0's search decides: the processes' scores could differ in the last bit on different devices.
+    configs = world.share(configs)
 
     val_pairs = validation_pairs(config.data)
     if config.finetune_steps > 0:
-        if not resume:
+        if not resume and world.main:
             before = [s.to_dict() for s in _table(net, configs, val_pairs, "tailor (validation, before fine-tune)")]
             (out_dir / "table_before_finetune.json").write_text(json.dumps(before, indent=2))
             log.write(table_before_finetune=before, seconds=round(time.time() - started, 1))
         step = finetune(net, configs, config, log, state_path, meta, started, resume, compute)
         if step < config.finetune_steps:
             log.write(stopped_at_step=step, seconds=round(time.time() - started, 1))
-            tqdm.write(f"fine-tune stopped at step {step} of {config.finetune_steps}; continue with "
-                       f"`ddsnet-train tailor --resume --set out_dir={out_dir}`")
+            if world.main:
+                tqdm.write(f"fine-tune stopped at step {step} of {config.finetune_steps}; continue with "
+                           f"`ddsnet-train tailor --resume --set out_dir={out_dir}`")
             return state_path
+    if not world.main:  # rank 0 measures the table and writes the checkpoint
+        return out_dir / TAILORED_FILE
     profile = config.profile if isinstance(config, ProfileStage) else DEFAULT_PROFILE
     subnets = _table(net, configs, val_pairs, "tailor (validation)", profile)
     table = [s.to_dict() for s in subnets]
