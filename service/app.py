@@ -46,7 +46,8 @@ async def init_app_state(state: State, settings: Settings, checkpoint: Checkpoin
     state.runtimes = Runtimes(denoiser, settings.backend, settings.max_batch_tiles, settings.torch_threads,
                               cache_dir=settings.engine_cache_dir())
     controller = LoadController([subnet.mflops_per_pixel for subnet in denoiser.subnets],
-                                settings.latency_target_ms / 1000, profiles=[s.profile for s in denoiser.subnets])
+                                settings.latency_target_ms / 1000, profiles=[s.profile for s in denoiser.subnets],
+                                shed_factor=settings.shed_wait_factor)
     scheduler = Scheduler(denoiser, metrics, state.runtimes, settings.max_batch_tiles, settings.max_wait_ms,
                           settings.max_queue_tiles, on_batch=on_batch, controller=controller, fair=settings.fair_share)
     if device.type == "cuda":

@@ -13,6 +13,10 @@ when none does.
   request's seconds; then the widest width that meets both runs (reason ``deadline``). Those two are hard
   bounds: they hold with the target off too, and refusal is left for when no width meets them.
 * ``best`` and ``fast`` are never changed.
+* Shedding is the last resort: when even the slimmest width would keep an ``auto`` request waiting, beyond its
+  own compute, for more than ``shed_factor`` times the target, the scheduler refuses it at once (503,
+  ``Retry-After``, reason ``overload``) rather than answer it late. Past the rate the slimmest width sustains,
+  a queue only grows; refusing the excess keeps the answers that are given within the target.
 * Hysteresis: once load has capped the width, the cap widens again only when the wider width fits in
   ``recover`` times the target, so that widths do not flap as the queue hovers around it.
 
@@ -52,12 +56,18 @@ class LoadController:
         smoothing: the EWMA weight of the newest batch.
         recover: the cap widens only when the wider width fits within ``recover * target``.
         clock: seconds, monotonic (``time.monotonic``); tests pass a fake one.
+        profiles: each sub-network's profile, by index.
+        shed_factor: ``auto`` requests that would wait longer than this many targets at the slimmest width are
+            refused (:meth:`max_wait_seconds`); 0: never.
     """
 
     def __init__(self, costs: Sequence[float], target_seconds: float, smoothing: float = 0.2, recover: float = 0.7,
-                 clock: Callable[[], float] = time.monotonic, profiles: Sequence[str] | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, profiles: Sequence[str] | None = None,
+                 shed_factor: float = 0.0) -> None:
         if target_seconds < 0:
             raise ValueError("the latency target must be >= 0 (0 turns the controller off)")
+        if shed_factor < 0:
+            raise ValueError("the shedding factor must be >= 0 (0 turns shedding off)")
         if not 0 < smoothing <= 1 or not 0 < recover <= 1:
             raise ValueError("smoothing and recover must be in (0, 1]")
         self.costs = list(costs)
@@ -73,10 +83,18 @@ class LoadController:
         self.observed_at: dict[int, float] = {}
         self.cap = self.by_width[0]
         self.downgrades = 0
+        self.shed_factor = shed_factor
 
     @property
     def enabled(self) -> bool:
         return self.target > 0
+
+    def max_wait_seconds(self) -> float | None:
+        """The longest an ``auto`` request may be expected to wait, beyond its own compute, before it is
+        refused; None when the controller or shedding is off."""
+        if not self.enabled or not self.shed_factor:
+            return None
+        return self.shed_factor * self.target
 
     def observe(self, subnet: int, pixels: int, seconds: float) -> None:
         """A batch of ``pixels`` window pixels ran at ``subnet`` in ``seconds``."""

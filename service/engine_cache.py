@@ -149,18 +149,24 @@ class EngineCache:
     def record(self, subnet: int, backend: str, build_s: float | None = None, load_s: float | None = None,
                seconds_per_pixel: float | None = None) -> None:
         """Merge what was measured of ``backend`` on ``subnet`` into ``measurements.json`` (under the lock;
-        the values not given keep what was there)."""
-        self._prepare(self.folder)
-        with self._locked():
-            raw = self._read_measurements()
-            entry = raw.setdefault(str(subnet), {}).get(backend, {})
-            if entry.get("version") != engine_version(backend):
-                entry = {"version": engine_version(backend)}
-            for name, value in (("build_s", build_s), ("load_s", load_s), ("seconds_per_pixel", seconds_per_pixel)):
-                if value is not None:
-                    entry[name] = round(float(value), 9)
-            raw[str(subnet)][backend] = entry
-            self._write_json(self.folder / MEASUREMENTS_FILE, raw)
+        the values not given keep what was there). A cache that cannot be written (read-only, full) costs the
+        next process a measurement, nothing more: it is logged, not raised."""
+        try:
+            self._prepare(self.folder)
+            with self._locked():
+                raw = self._read_measurements()
+                entry = raw.setdefault(str(subnet), {}).get(backend, {})
+                if entry.get("version") != engine_version(backend):
+                    entry = {"version": engine_version(backend)}
+                for name, value in (("build_s", build_s), ("load_s", load_s),
+                                    ("seconds_per_pixel", seconds_per_pixel)):
+                    if value is not None:
+                        entry[name] = round(float(value), 9)
+                raw[str(subnet)][backend] = entry
+                self._write_json(self.folder / MEASUREMENTS_FILE, raw)
+        except OSError as error:
+            log.warning("engine cache: could not record %s on sub-network %d in %s: %s", backend, subnet,
+                        self.folder, error)
 
     def _read_measurements(self) -> dict:
         path = self.folder / MEASUREMENTS_FILE

@@ -25,8 +25,9 @@ rounds of the round robins until this one is done. The rounds are counted in MFL
 what each member runs in them is turned into seconds at its own width's measured speed. The estimate is a
 lower bound under fair sharing: requests from other clients that arrive later take turns ahead of it. A
 request that cannot be done by its deadline at the slimmest width it may run is refused before any of its
-tiles runs (:class:`DeadlineMiss`); for ``auto`` the controller first tries slimmer widths. :class:`CostLimits`
-caps the image pixels each client may have in flight and one request's estimated seconds.
+tiles runs (:class:`DeadlineMiss`); for ``auto`` the controller first tries slimmer widths, and an ``auto``
+request that would wait past the controller's bound even at the slimmest width is shed (:class:`Overloaded`).
+:class:`CostLimits` caps the image pixels each client may have in flight and one request's estimated seconds.
 """
 
 from __future__ import annotations
@@ -89,6 +90,13 @@ class DeadlineMiss(Refused):
     ``retry_after`` when it would not be even with nothing else to run."""
 
     reason = "deadline"
+
+
+class Overloaded(Refused):
+    """Even at the slimmest width, an ``auto`` request would wait longer than the controller allows
+    (:meth:`LoadController.max_wait_seconds`); ``retry_after`` is how much longer."""
+
+    reason = "overload"
 
 
 class ClientBusy(Refused):
@@ -487,7 +495,13 @@ class Scheduler:
             raise ClientBusy(f"this client has {share.pixels} pixels in flight; with this image's {pixels} that "
                              f"is over DDSNET_MAX_CLIENT_PIXELS={limits.max_client_pixels}",
                              retry_after=max(1, math.ceil(self.client_seconds(share))))
-        self.check_admission(self.allowed_subnets(quality, noise), window_pixels, client, deadline, limits)
+        self.check_admission(self.allowed_subnets(quality, noise), window_pixels, client, deadline, limits,
+                             self.max_wait_seconds(quality))
+
+    def max_wait_seconds(self, quality: Quality) -> float | None:
+        """The longest a request of ``quality`` may wait beyond its own compute: the controller's bound for
+        ``auto``, none for ``fast`` and ``best``, which wait until their deadline."""
+        return self.controller.max_wait_seconds() if quality is Quality.auto else None
 
     def client_seconds(self, share: ClientShare) -> float:
         """Estimated seconds of the work ``share`` has in flight: its queued tiles at their widths' measured
@@ -495,14 +509,16 @@ class Scheduler:
         return self._running_seconds() + sum(self._queued_seconds(job) for job in share.jobs)
 
     def check_admission(self, subnets: list[int], window_pixels: int, client: str, deadline: float | None,
-                        limits: CostLimits) -> None:
+                        limits: CostLimits, max_wait: float | None = None) -> None:
         """Refuse a request of ``window_pixels`` (all its windows) whose slimmest allowed width, of ``subnets``,
-        is over ``limits.max_request_seconds`` or cannot be done by ``deadline`` (the scheduler's clock).
+        is over ``limits.max_request_seconds`` or cannot be done by ``deadline`` (the scheduler's clock), or
+        that would wait more than ``max_wait`` seconds beyond its own compute at every one of ``subnets``.
 
         Raises:
             OverLimit: over the ceiling on one request's seconds.
             DeadlineMiss: not done in time even at the slimmest of ``subnets``; without ``retry_after`` when
                 its own compute alone is longer than the time left.
+            Overloaded: over ``max_wait`` at every one of ``subnets``.
         """
         if not subnets:
             return
@@ -512,6 +528,13 @@ class Scheduler:
             raise OverLimit(f"estimated {own:.1f} s of compute at sub-network {slimmest}, the slimmest this request "
                             f"may run, over DDSNET_MAX_REQUEST_SECONDS={limits.max_request_seconds:g}",
                             "request_seconds")
+        if max_wait is not None:
+            shortest = min(self.finish_seconds(client, subnet, window_pixels) - self.own_seconds(subnet, window_pixels)
+                           for subnet in subnets)
+            if shortest > max_wait:
+                raise Overloaded(f"overloaded: even at the slimmest width this request would wait an estimated "
+                                 f"{shortest:.2f} s, over the {max_wait:.2f} s that auto allows",
+                                 retry_after=max(1, math.ceil(shortest - max_wait)))
         if deadline is None:
             return
         left = deadline - self.clock()
@@ -559,7 +582,8 @@ class Scheduler:
             if self.queued_tiles + len(image.tiles) > self.max_queue_tiles:
                 raise QueueFull(f"{self.queued_tiles} tiles queued; this image needs {len(image.tiles)} more")
             decision = self._decide(picked, quality, window_pixels, client, deadline, limits, max_latency_seconds)
-            self.check_admission([decision.subnet], window_pixels, client, deadline, limits)
+            self.check_admission([decision.subnet], window_pixels, client, deadline, limits,
+                                 self.max_wait_seconds(quality))
         except BaseException:
             self._release(share, pixels)
             raise

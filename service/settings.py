@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     max_queue_tiles: int = Field(512, ge=1, description="queued tiles over all widths before 503")
     latency_target_ms: float = Field(2000.0, ge=0, description="under load, auto gives up width to answer within "
                                      "this; 0 turns the controller off")
+    shed_wait_factor: float = Field(1.0, ge=0, description="503 (Retry-After) for an auto request that, even at the "
+                                    "slimmest width, would wait more than this many latency targets beyond its "
+                                    "own compute; 0: never shed")
     max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1)
     max_pixels: int = Field(40_000_000, ge=1)
     request_timeout_s: float = Field(300.0, gt=0, description="504 past it; a request's deadline, at most; work "

@@ -285,3 +285,18 @@ def test_the_mixed_load_summary_splits_by_size_class_and_checks_the_small_photos
     assert all(check["met"] for check in checks)
     rows["large"]["statuses"] = {"429": 1}
     assert not list(load.check_mixed(report).values())[1]["met"]
+
+
+def test_the_overload_targets_compare_shedding_with_giving_up_width_alone():
+    from benchmarks import load
+
+    def row(mode: str, goodput: float, p95: float, errors: float = 0.0) -> dict:
+        return {"controller": mode, "load": 2, "goodput_per_s": goodput, "p95_s": p95, "share_other_errors": errors,
+                "psnr_loss_vs_unloaded": 0.2}
+
+    report = {"latency_target_ms": 2000, "runs": [row("width", 8.0, 17.6), row("shed", 8.4, 2.2)]}
+    checks = load.check(report)
+    assert [check["met"] for check in checks.values()] == [True, True, True, True]
+    assert checks["goodput >= 1x width-only"]["value"] == 1.05
+    report["runs"][1] = row("shed", 7.0, 2.6, errors=0.01)
+    assert [check["met"] for check in load.check(report).values()] == [False, False, False, True]

@@ -122,8 +122,10 @@ def wide_gate_checkpoint(tmp_path_factory) -> str:
 
 
 def test_a_flooded_server_gives_up_width_and_refuses_nothing(wide_gate_checkpoint, photo):
-    # A 1 ms target: any queued work is too much, so every request that finds a queue runs slimmest.
-    settings = Settings(checkpoint=wide_gate_checkpoint, tile=64, backend="torch", latency_target_ms=1)
+    # A 1 ms target: any queued work is too much, so every request that finds a queue runs slimmest. Shedding
+    # off: with it, the requests that find a queue longer than the target at the slimmest width are refused.
+    settings = Settings(checkpoint=wide_gate_checkpoint, tile=64, backend="torch", latency_target_ms=1,
+                        shed_wait_factor=0)
     app = build_app(settings)
     image = photo[:96, :128]
     payload = png_bytes(image)

@@ -185,3 +185,17 @@ def test_a_malformed_setting_is_one_error_line(tiny_checkpoint, tmp_path, monkey
     assert main(["denoise", str(tmp_path / "any.png"), "--checkpoint", tiny_checkpoint]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: DDSNET_MAX_BATCH_TILES:") and "\n" not in err
+
+
+def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_engine(denoiser, tmp_path, monkeypatch, caplog):
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(EngineCache, "_prepare", read_only)
+    runtimes = Runtimes(denoiser, "auto", cache_dir=tmp_path, work=lambda index: 1e4)
+    windows = torch.rand(2, 3, 32, 32)
+    with caplog.at_level(logging.WARNING, logger="ddsnet.cache"):
+        out = runtimes[2](windows)
+        runtimes.save_measurements()
+    assert out.shape == windows.shape
+    assert "Read-only file system" in caplog.text

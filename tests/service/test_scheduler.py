@@ -23,7 +23,9 @@ from service.scheduler import (
     CostLimits,
     DeadlineMiss,
     DeficitRoundRobin,
+    Job,
     OverLimit,
+    Overloaded,
     QueueFull,
     Scheduler,
 )
@@ -273,10 +275,10 @@ def timed_runtimes(denoiser: Denoiser, clock: FakeClock, after: Callable[[], Non
 
 
 def measured_controller(denoiser: Denoiser, target_seconds: float = 0.0,
-                        rates: dict[int, float] | None = None) -> LoadController:
+                        rates: dict[int, float] | None = None, shed_factor: float = 0.0) -> LoadController:
     """A controller that knows every width's speed (``rates``, seconds per pixel; default :func:`speeds`)."""
     controller = LoadController([s.mflops_per_pixel for s in denoiser.subnets], target_seconds,
-                                profiles=[s.profile for s in denoiser.subnets])
+                                profiles=[s.profile for s in denoiser.subnets], shed_factor=shed_factor)
     for index, rate in (rates or speeds(denoiser)).items():
         controller.observe(index, 1_000_000, rate * 1_000_000)
     return controller
@@ -472,6 +474,34 @@ def test_the_work_ahead_is_what_runs_first_fairly_or_oldest_first(denoiser, fair
         return True
 
     assert scheduled(denoiser, scenario, controller=measured_controller(denoiser), clock=clock, fair=fair) is admitted
+
+
+@pytest.mark.parametrize("fair, shed_factor, shed", [(False, 1.0, True), (False, 0.0, False), (True, 1.0, False)])
+def test_auto_is_shed_when_even_the_slimmest_width_would_wait_past_the_target(denoiser, fair, shed_factor, shed):
+    clock = FakeClock()
+    batches: list = []
+
+    async def scenario(scheduler: Scheduler):
+        await scheduler.submit(image(384, 384), Quality.best, client="a")  # 0.41 s queued
+        # A 64x64 tile from another client: oldest first it waits the 0.41 s, over the 0.1 s target; fairly it
+        # runs after one turn of the large photo (16.4 ms).
+        try:
+            job = await scheduler.submit(image(64, 64), Quality.auto, client="b")
+        except Overloaded as refused:
+            # best and fast are never shed: they wait until their deadline.
+            await scheduler.submit(image(64, 64), Quality.best, client="b")
+            return refused
+        return job
+
+    controller = measured_controller(denoiser, target_seconds=0.1, shed_factor=shed_factor)
+    outcome = scheduled(denoiser, scenario, controller=controller, clock=clock, fair=fair,
+                        on_batch=lambda subnet, jobs: batches.append(jobs))
+    if shed:
+        assert isinstance(outcome, Overloaded)
+        assert (outcome.status, outcome.reason, outcome.retry_after) == (503, "overload", 1)
+        assert "wait an estimated 0.41 s, over the 0.10 s" in str(outcome)
+    else:
+        assert isinstance(outcome, Job) and outcome.subnet is not None
 
 
 @pytest.mark.parametrize("target_seconds", [2.0, 0.0])  # the deadline holds with the latency target off too
