@@ -528,21 +528,22 @@ class Scheduler:
             raise OverLimit(f"estimated {own:.1f} s of compute at sub-network {slimmest}, the slimmest this request "
                             f"may run, over DDSNET_MAX_REQUEST_SECONDS={limits.max_request_seconds:g}",
                             "request_seconds")
-        if max_wait is not None:
-            shortest = min(self.finish_seconds(client, subnet, window_pixels) - self.own_seconds(subnet, window_pixels)
-                           for subnet in subnets)
-            if shortest > max_wait:
-                raise Overloaded(f"overloaded: even at the slimmest width this request would wait an estimated "
-                                 f"{shortest:.2f} s, over the {max_wait:.2f} s that auto allows",
-                                 retry_after=max(1, math.ceil(shortest - max_wait)))
-        if deadline is None:
+        if max_wait is None and deadline is None:
             return
-        left = deadline - self.clock()
-        if own > left:
+        left = None if deadline is None else deadline - self.clock()
+        if left is not None and own > left:
             raise DeadlineMiss(f"cannot be done by its deadline even with nothing queued: estimated {own:.2f} s of "
                                f"compute at sub-network {slimmest}, the slimmest it may run, with {max(left, 0.0):.2f}"
                                " s left; a retry with this deadline cannot help")
         finishes = {subnet: self.finish_seconds(client, subnet, window_pixels) for subnet in subnets}
+        if max_wait is not None:
+            shortest = min(finish - self.own_seconds(subnet, window_pixels) for subnet, finish in finishes.items())
+            if shortest > max_wait:
+                raise Overloaded(f"overloaded: even at the slimmest width this request would wait an estimated "
+                                 f"{shortest:.2f} s, over the {max_wait:.2f} s that auto allows",
+                                 retry_after=max(1, math.ceil(shortest - max_wait)))
+        if left is None:
+            return
         soonest = min(finishes, key=finishes.__getitem__)
         finish = finishes[soonest]
         if finish > left:
