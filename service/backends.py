@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib.util
 import io
 import logging
@@ -179,7 +180,8 @@ def _onnx_bytes(static: nn.Module, bound: ShapeBound) -> bytes:
     return buffer.getvalue()
 
 
-def _onnxruntime_runtime(static: nn.Module, bound: ShapeBound, threads: int, stored: Stored) -> Runtime:
+def _onnxruntime_runtime(static: Callable[[], nn.Module], bound: ShapeBound, threads: int,
+                         stored: Stored) -> Runtime:
     started = time.perf_counter()  # the import counts: a fresh process pays it
     import onnxruntime
 
@@ -193,7 +195,7 @@ def _onnxruntime_runtime(static: nn.Module, bound: ShapeBound, threads: int, sto
 
     session, source = stored.load(ARTEFACTS["onnxruntime"], lambda path: session_from(str(path)))
     if session is None:
-        model = _onnx_bytes(static, bound)
+        model = _onnx_bytes(static(), bound)
         session = session_from(model)
         stored.save(ARTEFACTS["onnxruntime"], lambda path: path.write_bytes(model))
 
@@ -205,7 +207,8 @@ def _onnxruntime_runtime(static: nn.Module, bound: ShapeBound, threads: int, sto
     return Runtime("onnxruntime", run, time.perf_counter() - started, source=source)
 
 
-def _openvino_runtime(static: nn.Module, bound: ShapeBound, threads: int, stored: Stored) -> Runtime:
+def _openvino_runtime(static: Callable[[], nn.Module], bound: ShapeBound, threads: int,
+                      stored: Stored) -> Runtime:
     started = time.perf_counter()  # the import counts: a fresh process pays it
     import openvino
 
@@ -224,7 +227,7 @@ def _openvino_runtime(static: nn.Module, bound: ShapeBound, threads: int, stored
     if compiled is None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            converted = openvino.convert_model(static, example_input=_example(bound))
+            converted = openvino.convert_model(static(), example_input=_example(bound))
         sides = openvino.Dimension(bound.multiple, bound.max_side)
         converted.reshape({converted.input(0): openvino.PartialShape(
             [openvino.Dimension(1, bound.max_batch), 3, sides, sides])})
@@ -310,9 +313,11 @@ def build_runtime(denoiser: Denoiser, index: int, backend: str, bound: ShapeBoun
         raise BackendUnavailable("build_runtime needs one backend; Runtimes chooses for 'auto'")
     check_available(backend, device)
     threads = threads or torch.get_num_threads()
-    static = _static(denoiser, index)
     if backend == "torch":
-        return _torch_runtime(static, device, bound)
+        return _torch_runtime(_static(denoiser, index), device, bound)
+    # The static network is exported only when the cache does not hold the engine: a cached engine is read from
+    # its own artefact, and the export (a copy of the supernet, sliced) would be thrown away.
+    static = functools.partial(_static, denoiser, index)
     stored = Stored(cache, backend, index)
     if backend == "onnxruntime":
         return _onnxruntime_runtime(static, bound, threads, stored)

@@ -108,7 +108,7 @@ class ClientBusy(Refused):
 
 
 class OverLimit(Refused):
-    """The request alone is over a cost limit (the image's pixels, or its estimated seconds)."""
+    """The request alone is over a cost limit (the image's pixels or tiles, or its estimated seconds)."""
 
     status = 413
 
@@ -484,6 +484,9 @@ class Scheduler:
             QueueFull, ClientBusy, OverLimit, DeadlineMiss: as :meth:`submit`.
         """
         tiles, window_pixels = self.plan(height, width)
+        if tiles > self.max_queue_tiles:  # it would not fit in an empty queue: waiting cannot help
+            raise OverLimit(f"the image needs {tiles} tiles, over DDSNET_MAX_QUEUE_TILES={self.max_queue_tiles}",
+                            "queue_tiles")
         if self.queued_tiles + tiles > self.max_queue_tiles:
             raise QueueFull(f"{self.queued_tiles} tiles queued; this image needs {tiles} more")
         pixels = height * width
@@ -566,8 +569,8 @@ class Scheduler:
         scheduler's clock) is when the answer stops being of use.
 
         Raises:
-            QueueFull: the tiles would overflow ``max_queue_tiles``.
-            ClientBusy, OverLimit: over one of ``limits``.
+            QueueFull: the tiles would overflow ``max_queue_tiles`` now.
+            ClientBusy, OverLimit: over one of ``limits``, or more tiles than ``max_queue_tiles`` alone.
             DeadlineMiss: it cannot be done by ``deadline``; checked before the gate runs, and again after.
         """
         height, width = noisy.shape[-2:]

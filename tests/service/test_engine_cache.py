@@ -85,6 +85,18 @@ def test_engines_from_the_cache_give_bit_identical_output(denoiser, tmp_path, ba
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
 
 
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_an_engine_from_the_cache_skips_exporting_the_static_network(denoiser, tmp_path, backend, monkeypatch):
+    if not installed(backend):
+        pytest.skip(f"{backend} is not installed")
+    exports = []
+    export = backends._static
+    monkeypatch.setattr(backends, "_static", lambda *args: exports.append(args[1]) or export(*args))
+    Runtimes(denoiser, backend, cache_dir=tmp_path)[1]
+    loaded = Runtimes(denoiser, backend, cache_dir=tmp_path)[1]
+    assert exports == [1] and loaded.source == "cache"
+
+
 @needs_openvino
 def test_a_changed_key_builds_again(denoiser, tmp_path):
     Runtimes(denoiser, "openvino", cache_dir=tmp_path)[0]

@@ -123,12 +123,14 @@ def test_decompression_bomb_is_413(make_client, monkeypatch):
     assert response.status_code == 413
 
 
-def test_queue_full_is_503_with_retry_after(make_client):
+def test_an_image_with_more_tiles_than_the_whole_queue_is_413_not_a_retry(make_client):
     client, _ = make_client(max_queue_tiles=2)
     big = png_bytes(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8))
     response = post(client, big)
-    assert response.status_code == 503 and response.headers["Retry-After"] == "1"
-    assert "queue full" in response.json()["detail"]
+    assert response.status_code == 413 and "Retry-After" not in response.headers
+    assert "DDSNET_MAX_QUEUE_TILES=2" in response.json()["detail"]
+    text = client.get("/metrics").text
+    assert metric_value(text, "ddsnet_rejections_total", reason="queue_tiles") == 1
 
 
 def set_speed(client, seconds_per_pixel: float) -> None:

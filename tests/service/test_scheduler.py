@@ -129,6 +129,17 @@ def test_a_request_that_would_overflow_the_queue_is_refused_until_room_is_made(d
     assert scheduled(denoiser, scenario, max_queue_tiles=tiles) == tiles
 
 
+def test_a_request_that_would_not_fit_an_empty_queue_is_over_the_limit_at_once(denoiser):
+    tiles = len(denoiser.split(image(300, 200)).tiles)
+
+    async def scenario(scheduler: Scheduler):
+        with pytest.raises(OverLimit, match=f"needs {tiles} tiles, over DDSNET_MAX_QUEUE_TILES={tiles - 1}") as refused:
+            await scheduler.submit(image(300, 200), Quality.fast)
+        return refused.value.reason, refused.value.retry_after, scheduler.queued_tiles
+
+    assert scheduled(denoiser, scenario, max_queue_tiles=tiles - 1) == ("queue_tiles", None, 0)
+
+
 def test_windows_run_through_the_runtimes_it_is_handed(denoiser):
     calls: list[tuple[int, tuple]] = []
 
