@@ -4,7 +4,7 @@
 
 The sub-network table (widths, MFLOPs per pixel, validation PSNR) is read from the checkpoint's own metadata.
 The others are rendered from ``quality.json``, ``speed.json``, ``serve.json``, ``load.json`` and
-``val_gap.json`` in ``--results`` where they exist, with the targets each benchmark judged met or missed.
+``val_gap_texture.json`` and ``val_gap.json`` in ``--results`` where they exist, with the targets each benchmark judged met or missed.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def main() -> int:
     print()
     for name, render in (("quality.json", quality_table), ("quality.json", noise_table),
                          ("speed.json", speed_table), ("serve.json", serve_table), ("load.json", load_table),
-                         ("val_gap.json", val_gap_table)):
+                         ("val_gap_texture.json", val_gap_table), ("val_gap.json", val_gap_table)):
         path = Path(args.results) / name
         if path.is_file():
             report = json.loads(path.read_text())

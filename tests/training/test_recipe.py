@@ -32,7 +32,7 @@ out.mkdir(parents=True, exist_ok=True)
 
 def run_recipe(tmp_path: Path, photos: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "DDSNET_TRAIN": str(tmp_path / "recorder"), "CALLS": str(tmp_path / "calls")}
-    return subprocess.run(["bash", str(RECIPE), str(tmp_path / "run"), str(photos), str(photos)], cwd=ROOT, env=env,
+    return subprocess.run(["bash", str(RECIPE), str(tmp_path / "run"), str(photos), str(photos), str(photos)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -67,9 +67,11 @@ def test_every_step_reads_an_earlier_steps_output_and_every_override_is_a_config
         if "--resume" not in args:
             assert sets["recipe"] == "ddsnet-color" and sets["data.train_dir"] == str(photos)
         written.add(str(Path(sets["out_dir"]) / OUTPUTS[stage]))
-    assert [args[0] for args in calls].count("supernet") == 9  # 8 runs, one of them resumed once
-    assert [args[0] for args in calls].count("tailor") == 19  # 18 runs, one of them resumed once
-    assert calls[-1][0] == "gate" and result.stdout.strip().endswith(f"{tmp_path / 'run'}/gate/ddsnet.safetensors")
+    assert [args[0] for args in calls].count("supernet") == 10  # 9 runs, one of them resumed once
+    assert [args[0] for args in calls].count("tailor") == 20  # 19 runs, one of them resumed once
+    assert [args[0] for args in calls].count("gate") == 2
+    final = f"{tmp_path / 'run'}/texture-gate/ddsnet.safetensors"
+    assert calls[-1][0] == "gate" and result.stdout.strip().endswith(final)
 
     # Run again: every step is done, nothing is trained twice.
     (tmp_path / "calls").unlink()

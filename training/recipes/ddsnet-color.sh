@@ -1,26 +1,27 @@
 #!/usr/bin/env bash
 # The recipe of checkpoints/ddsnet-color.safetensors: every training run whose weights lead to it, in order.
 #
-#   training/recipes/ddsnet-color.sh RUN_DIR [TRAIN_DIR] [VAL_DIR]
+#   training/recipes/ddsnet-color.sh RUN_DIR [TRAIN_DIR] [VAL_DIR] [TEXTURE_VAL_DIR]
 #
 # Each step reads the previous step's output under RUN_DIR and writes its own folder there (config.yaml,
 # log.jsonl, the checkpoint). A step whose checkpoint exists is skipped, so an interrupted recipe is re-run
-# with the same command. The last step writes RUN_DIR/gate/ddsnet.safetensors, the gated checkpoint.
-# On two CPU cores the whole chain takes about 33 hours (docs/MODEL_CARD.md, "Training").
+# with the same command. The last step writes RUN_DIR/texture-gate/ddsnet.safetensors, the gated checkpoint.
+# On two CPU cores the whole chain takes about 34 hours (docs/MODEL_CARD.md, "Training").
 #
 # Each stage runs with its defaults (training/config.py; training/configs/ adds nothing to them) and the
 # overrides below. Where a step overrides `targets`, it repeats the FLOPs targets its search used.
 set -euo pipefail
 
-if [ $# -lt 1 ] || [ $# -gt 3 ]; then
-  echo "usage: $0 RUN_DIR [TRAIN_DIR] [VAL_DIR]" >&2
+if [ $# -lt 1 ] || [ $# -gt 4 ]; then
+  echo "usage: $0 RUN_DIR [TRAIN_DIR] [VAL_DIR] [TEXTURE_VAL_DIR]" >&2
   exit 2
 fi
 run=$1
 train_dir=${2:-../shared/data/photos/train}
 val_dir=${3:-../shared/data/photos/val}
+texture_val_dir=${4:-../shared/data/photos/val-texture}
 train=${DDSNET_TRAIN:-ddsnet-train}
-for dir in "$train_dir" "$val_dir"; do
+for dir in "$train_dir" "$val_dir" "$texture_val_dir"; do
   [ -d "$dir" ] || { echo "error: photo folder not found: $dir" >&2; exit 2; }
 done
 mkdir -p "$run"
@@ -113,4 +114,16 @@ tailor tailor21 tailor20/tailored.safetensors --set search=false --set finetune_
 tailor tailor22 tailor21/tailored.safetensors --set search=false --set refill=true --set finetune_steps=0 \
   --set seed=24
 done_or_run gate "$train" gate "${common[@]}" --set "tailored=$run/tailor22/tailored.safetensors" --set "out_dir=$run/gate"
-echo "recipe done: $run/gate/ddsnet.safetensors"
+
+# The texture round, validated on TEXTURE_VAL_DIR: stage 1 continued from the gated checkpoint on every training
+# photo with a quarter of the crops dead leaves (training/deadleaves.py); the fine-tune on the same five
+# configurations; the gate again.
+texture=(--set "data.val_dir=$texture_val_dir" "${photo_crops[@]}" --set data.dead_leaves=0.25)
+supernet texture-supernet --set init_from="$run/gate/ddsnet.safetensors" "${texture[@]}" --set steps=1500 \
+  --set lr=0.0002 --set warmup_steps=30 --set 'crop_schedule=[[0,128,8],[0.5,160,6]]' --set val_every=100 \
+  --set save_every=50
+tailor texture-tailor texture-supernet/supernet.safetensors "${texture[@]}" --set search=false --set finetune_steps=300 \
+  --set 'configs=[[32,64,128,256,32,64,128,128,256,256,128,128,64,32],[32,64,128,192,28,56,48,64,224,96,96,80,56,32],[32,64,128,192,28,56,48,48,192,96,48,48,48,28],[32,56,112,192,12,32,48,48,192,96,48,48,24,28],[28,40,64,96,12,24,48,48,128,96,48,48,24,16]]'
+done_or_run texture-gate "$train" gate "${common[@]}" --set "data.val_dir=$texture_val_dir" --set val_crop=256 \
+  --set "tailored=$run/texture-tailor/tailored.safetensors" --set "out_dir=$run/texture-gate"
+echo "recipe done: $run/texture-gate/ddsnet.safetensors"
