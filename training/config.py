@@ -162,11 +162,13 @@ COMPRESSED_VAL_DEGRADATIONS = ["jpeg80-awgn15", "jpeg30-awgn10", "jpeg60-awgn10"
 def compressed_data() -> DataConfig:
     """The data of the ``compressed`` profile: noise then JPEG at quality 30-95 (a third of them twice, on a
     shifted grid), sensor noise then JPEG, downscaled noise, and some white noise, so that a white input sent
-    to this profile is still denoised. Its table is measured on the validation photos at half size."""
+    to this profile is still denoised. Its table is measured on the validation photos at full and half size:
+    at half size alone a profile can look better than the white one on high-quality JPEG while it is worse on
+    the photos at the size they are served."""
     mix = {"jpeg": 0.5, "poisson_jpeg": 0.15, "downscale": 0.2, "awgn": 0.15}
     return DataConfig(degradations=DegradationConfig(mix=mix, jpeg_sigma=[0.0, 30.0], jpeg_quality=[30, 95],
                                                      jpeg_double=0.3),
-                      val_sigmas=[25.0], val_degradations=list(COMPRESSED_VAL_DEGRADATIONS), val_scales=[0.5])
+                      val_sigmas=[25.0], val_degradations=list(COMPRESSED_VAL_DEGRADATIONS), val_scales=[1.0, 0.5])
 
 
 @dataclass

@@ -65,6 +65,7 @@ def test_a_nested_section_changes_only_the_keys_it_names():
     assert gate.data.val_crop == 64 and gate.data.val_scales == [1.0, 0.5]  # the gate's own default stays
     profile = load_config(ProfileStage, None, ["data.degradations.jpeg_double=0"])
     assert profile.data.degradations.jpeg_double == 0 and profile.data.degradations.mix["jpeg"] > 0
+    assert profile.data.val_scales == [1.0, 0.5]  # the profile's table covers the photos at served size
     assert load_config(SupernetStage, None).data.val_scales == [1.0]
 
 
