@@ -3,8 +3,9 @@
     .venv/bin/python -m benchmarks.tables [--checkpoint PATH] [--results DIR]
 
 The sub-network table (widths, MFLOPs per pixel, validation PSNR) is read from the checkpoint's own metadata.
-The others are rendered from ``quality.json``, ``speed.json``, ``serve.json``, ``load.json`` and
-``val_gap_texture.json`` and ``val_gap.json`` in ``--results`` where they exist, with the targets each benchmark judged met or missed.
+The others are rendered from ``quality.json``, ``speed.json``, ``serve.json``, ``load.json``,
+``val_gap_texture.json`` and ``val_gap.json`` in ``--results`` where they exist, with the targets each
+benchmark judged met or missed.
 """
 
 from __future__ import annotations

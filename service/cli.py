@@ -165,8 +165,9 @@ def run_info(args: argparse.Namespace) -> int:
     print(header)
     best = max(row["mflops_per_pixel"] for row in summary["subnets"])
     for index, row in enumerate(summary["subnets"]):
-        psnrs = "  ".join(f"{row['val_psnr'].get(key, float('nan')):{len(column)}.2f}"
-                          for key, column in zip(noises, columns))
+        # A profile is validated on its own kinds of noise only; the others are left blank.
+        psnrs = "  ".join(f"{row['val_psnr'][key]:{len(column)}.2f}" if key in row["val_psnr"]
+                          else f"{'-':>{len(column)}}" for key, column in zip(noises, columns))
         print(f"{index:>2}  {row['profile']:<10}  {row['mflops_per_pixel']:10.4f}  "
               f"{100 * row['mflops_per_pixel'] / best:8.1f}%  {psnrs}")
         print(f"    widths: {row['widths']}")

@@ -144,6 +144,9 @@ class TailorStage(RunOptions, SandwichLoss):
     finetune_lr: float = 5e-5
     finetune_crop: int = 128
     finetune_batch: int = 8
+    # > 0: the table is measured on centre crops of this side of every validation view instead of whole
+    # photos, which costs a fraction of the time on large photos (each view is cropped after scaling).
+    val_crop: int = 0
     log_every: int = 10
     # The fine-tune is resumable (``ddsnet-train tailor --resume``): its state is saved every ``save_every`` steps,
     # and on stopping early after ``max_minutes`` (> 0) or at step ``stop_at`` (> 0).

@@ -351,7 +351,7 @@ def tailor(config: TailorStage, resume: bool = False, world: World = ONE_PROCESS
     # Rank 0's search decides: the processes' scores could differ in the last bit on different devices.
     configs = world.share(configs)
 
-    val_pairs = validation_pairs(config.data)
+    val_pairs = validation_pairs(config.data, config.val_crop or None)
     if config.finetune_steps > 0:
         if not resume and world.main:
             before = [s.to_dict() for s in _table(net, configs, val_pairs, "tailor (validation, before fine-tune)")]

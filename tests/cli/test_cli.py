@@ -14,7 +14,9 @@ import pytest
 from PIL import Image
 from skimage import data
 
+from model import Gate, GateConfig, SlimUNet, Subnet, save_checkpoint
 from service.cli import main
+from tests.conftest import TINY, randomize, tiny_subnets
 from tests.model.test_checkpoint import hostile_checkpoint, set_field
 from tests.service.conftest import MALFORMED_PNG
 
@@ -183,6 +185,22 @@ def test_info_json(capsys, tiny_checkpoint):
 def test_info_table(capsys, tiny_checkpoint):
     code, stdout, _ = run_cli(capsys, "info", "--checkpoint", tiny_checkpoint)
     assert code == 0 and "MFLOPs/px" in stdout and "widths:" in stdout
+
+
+def test_info_table_leaves_blank_the_noises_a_profile_was_not_validated_on(capsys, tmp_path):
+    white, compressed = randomize(SlimUNet(TINY)), randomize(SlimUNet(TINY), seed=5)
+    rows = tiny_subnets(white)
+    subnets = rows + [Subnet(s.widths, s.mflops_per_pixel, {"25": 29.5, "jpeg80-awgn15": 28.25}, "compressed")
+                      for s in rows]
+    path = tmp_path / "two-profiles.safetensors"
+    save_checkpoint(path, {"white": white, "compressed": compressed},
+                    Gate(GateConfig(num_subnets=6, noise_stats=True, profiles=(0, 0, 0, 1, 1, 1))), subnets,
+                    gate_trained=False)
+    code, stdout, _ = run_cli(capsys, "info", "--checkpoint", str(path))
+    lines = [line.split() for line in stdout.splitlines() if line.lstrip()[:1].isdigit()]
+    assert code == 0 and "nan" not in stdout and stdout.splitlines()[2].split()[-1] == "PSNR@jpeg80-awgn15"
+    assert lines[0][1:2] == ["white"] and lines[0][-2:] == ["30.00", "-"]
+    assert lines[3][1:2] == ["compressed"] and lines[3][-2:] == ["29.50", "28.25"]
 
 
 def test_help_lists_only_denoise_info_serve_and_cache(capsys):

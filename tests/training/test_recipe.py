@@ -32,8 +32,8 @@ out.mkdir(parents=True, exist_ok=True)
 
 def run_recipe(tmp_path: Path, photos: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "DDSNET_TRAIN": str(tmp_path / "recorder"), "CALLS": str(tmp_path / "calls")}
-    return subprocess.run(["bash", str(RECIPE), str(tmp_path / "run"), str(photos), str(photos), str(photos)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(["bash", str(RECIPE), str(tmp_path / "run"), str(photos), str(photos), str(photos)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
 
 @pytest.fixture

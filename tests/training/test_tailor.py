@@ -14,7 +14,9 @@ from model.flops import supernet_mflops_per_pixel
 from model.supernet import WidthGroup
 from tests.training.conftest import read_log, strings_in, tiny_data
 from training.cli import main as train_main
+from training.common import psnr_by_sigma
 from training.config import TailorStage, load_config
+from training.data import validation_pairs
 from training.tailor import greedy_refill, greedy_tailor, tailor
 
 
@@ -214,3 +216,17 @@ def test_tailor_finetune_resumes_from_its_state_and_matches_an_uninterrupted_run
     assert not [text for text in strings_in(record) if basetemp in text]
     with pytest.raises(FileNotFoundError, match="resume"):
         tailor(load_config(TailorStage, None, [f"out_dir={tmp_path / 'none'}", *common]), resume=True)
+
+
+def test_tailor_val_crop_measures_the_table_on_centre_crops_of_each_view(photo_dirs, supernet, tmp_path):
+    net = load_checkpoint(supernet).net
+    configs = [list(net.widest()), list(net.slimmest())]
+    common = [*common_overrides(photo_dirs), "search=false", f"configs={json.dumps(configs)}", "finetune_steps=0"]
+    whole = tailor(load_config(TailorStage, None, [f"supernet={supernet}", f"out_dir={tmp_path / 'whole'}", *common]))
+    cropped = tailor(load_config(TailorStage, None, [f"supernet={supernet}", f"out_dir={tmp_path / 'crop'}",
+                                                     *common, "val_crop=24"]))
+    data = load_config(TailorStage, None, common).data
+    expected = [psnr_by_sigma(net.eval(), tuple(widths), validation_pairs(data, 24)) for widths in configs]
+    for row, psnrs in zip(load_checkpoint(cropped).subnets, expected):
+        assert row.val_psnr == pytest.approx(psnrs, abs=1e-3)
+    assert [s.val_psnr for s in load_checkpoint(whole).subnets] != expected
