@@ -5,7 +5,8 @@
 #
 # Each step reads the previous step's output under RUN_DIR and writes its own folder there (config.yaml,
 # log.jsonl, the checkpoint). A step whose checkpoint exists is skipped, so an interrupted recipe is re-run
-# with the same command. The last step writes RUN_DIR/texture-gate/ddsnet.safetensors, the gated checkpoint.
+# with the same command. The last step writes RUN_DIR/profile-gate/ddsnet.safetensors, the gated checkpoint with
+# both profiles.
 # On two CPU cores the whole chain takes about 34 hours (docs/MODEL_CARD.md, "Training").
 #
 # Each stage runs with its defaults (training/config.py; training/configs/ adds nothing to them) and the
@@ -126,4 +127,23 @@ tailor texture-tailor texture-supernet/supernet.safetensors "${texture[@]}" --se
   --set 'configs=[[32,64,128,256,32,64,128,128,256,256,128,128,64,32],[32,64,128,192,28,56,48,64,224,96,96,80,56,32],[32,64,128,192,28,56,48,48,192,96,48,48,48,28],[32,56,112,192,12,32,48,48,192,96,48,48,24,28],[28,40,64,96,12,24,48,48,128,96,48,48,24,16]]'
 done_or_run texture-gate "$train" gate "${common[@]}" --set "data.val_dir=$texture_val_dir" --set val_crop=256 \
   --set "tailored=$run/texture-tailor/tailored.safetensors" --set "out_dir=$run/texture-gate"
-echo "recipe done: $run/texture-gate/ddsnet.safetensors"
+
+# The compressed profile: the texture gate's weights fine-tuned on its own five sub-networks under the mix of
+# compressed and correlated noise (ProfileStage in training/config.py), on crops at the photos' own size, the
+# size they are served at; its table on 256-pixel centre crops of TEXTURE_VAL_DIR at full and half size. Then
+# one gate over both profiles' ten sub-networks, which reads the noise statistics, trained on a mix of every
+# kind of noise and stored in float16.
+done_or_run profile "$train" profile "${common[@]}" --set "data.val_dir=$texture_val_dir" \
+  --set 'data.scale_range=[1.0,1.0]' --set data.texture_candidates=3 --set val_crop=256 \
+  --set "supernet=$run/texture-gate/ddsnet.safetensors" --set "out_dir=$run/profile"
+profile_mix=(--set data.degradations.mix.awgn=0.3 --set data.degradations.mix.poisson_gaussian=0.1
+             --set data.degradations.mix.variant=0.1 --set data.degradations.mix.jpeg=0.3
+             --set data.degradations.mix.poisson_jpeg=0.1 --set data.degradations.mix.downscale=0.1
+             --set 'data.degradations.jpeg_sigma=[0.0,30.0]' --set 'data.degradations.jpeg_quality=[30,95]'
+             --set data.degradations.jpeg_double=0.3)
+done_or_run profile-gate "$train" gate "${common[@]}" --set "data.val_dir=$texture_val_dir" --set val_crop=256 \
+  --set "tailored=$run/texture-gate/ddsnet.safetensors" --set "profiles.compressed=$run/profile/tailored.safetensors" \
+  --set gate.noise_stats=true "${profile_mix[@]}" \
+  --set 'data.val_degradations=[poisson40,ramp5-40,jpeg80-awgn15,jpeg30-awgn10,jpeg60-awgn10,jpeg95-awgn10,jpeg90x75-awgn10,poisson40-jpeg80,down0.7-awgn30]' \
+  --set steps=200 --set replay=8 --set save_dtype=float16 --set "out_dir=$run/profile-gate"
+echo "recipe done: $run/profile-gate/ddsnet.safetensors"
