@@ -7,7 +7,7 @@
 # log.jsonl, the checkpoint). A step whose checkpoint exists is skipped, so an interrupted recipe is re-run
 # with the same command. The last step writes RUN_DIR/profile-gate/ddsnet.safetensors, the gated checkpoint with
 # both profiles.
-# On two CPU cores the whole chain takes about 34 hours (docs/MODEL_CARD.md, "Training").
+# On two CPU cores the whole chain takes about 36 hours (docs/MODEL_CARD.md, "Training").
 #
 # Each stage runs with its defaults (training/config.py; training/configs/ adds nothing to them) and the
 # overrides below. Where a step overrides `targets`, it repeats the FLOPs targets its search used.
