@@ -155,5 +155,20 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
         # Every process has read its config (and a resumed run's saved one) before rank 0 rewrites it.
         dist.barrier()
         yield
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    end_collectives(world)
+
+
+def end_collectives(world: World) -> None:
+    """Close the run's process group once no collective is left, on every process together: each waits
+    for the others, then destroys the group. A process that tears its group down while a peer is still
+    connected can abort in gloo's threads. Rank 0's work after this point (a stage's closing table,
+    its files) runs as one process, unbounded by the group's timeout. Does nothing in one process or a
+    second time."""
+    if world.size == 1 or not dist.is_initialized():
+        return
+    dist.barrier()
+    dist.destroy_process_group()

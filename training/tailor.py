@@ -36,7 +36,7 @@ from training.common import (
 from training.compute import Compute
 from training.config import CONFIG_FILE, ProfileStage, TailorStage, save_config
 from training.data import fixed_noisy_set, validation_pairs
-from training.distributed import ONE_PROCESS, World
+from training.distributed import ONE_PROCESS, World, end_collectives
 from training.loop import Batches, Loop, cosine_lr, run_loop
 from training.provenance import data_digests, provenance, stage_record
 from training.supernet import check_loss, check_save_every, sandwich_backward
@@ -364,6 +364,7 @@ def tailor(config: TailorStage, resume: bool = False, world: World = ONE_PROCESS
                 tqdm.write(f"fine-tune stopped at step {step} of {config.finetune_steps}; continue with "
                            f"`ddsnet-train tailor --resume --set out_dir={out_dir}`")
             return state_path
+    end_collectives(world)
     if not world.main:  # rank 0 measures the table and writes the checkpoint
         return out_dir / TAILORED_FILE
     profile = config.profile if isinstance(config, ProfileStage) else DEFAULT_PROFILE

@@ -29,7 +29,7 @@ from training.cli import main as train_main
 from training.common import JsonLog, read_state_meta
 from training.compute import Compute, ComputeConfig
 from training.config import DataConfig, TailorStage, load_config, save_config
-from training.distributed import World
+from training.distributed import World, end_collectives
 from training.loop import Batches, Loop, run_loop
 from training.supernet import train_supernet
 from training.tailor import tailor
@@ -158,3 +158,22 @@ def test_the_single_process_stages_refuse_to_run_under_torchrun(monkeypatch, tmp
     assert train_main(["gate", "--set", f"out_dir={tmp_path / 'gate'}"]) == 2
     assert "runs in one process" in capsys.readouterr().err
     assert not (tmp_path / "gate").exists()
+
+
+def test_the_process_group_closes_once_its_collectives_end(tmp_path):
+    # A group of one process stands in for a run's group: end_collectives waits at the barrier, destroys the
+    # group, and does nothing the second time (process_group's exit after a stage that already closed it).
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        end_collectives(World(0, 2))
+        assert not torch.distributed.is_initialized()
+        end_collectives(World(0, 2))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    torch.distributed.init_process_group("gloo", store=torch.distributed.FileStore(str(tmp_path / "again"), 1),
+                                         rank=0, world_size=1)
+    end_collectives(World())  # one process's run has no group of its own to close
+    assert torch.distributed.is_initialized()
+    torch.distributed.destroy_process_group()
