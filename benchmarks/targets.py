@@ -26,9 +26,11 @@ SERVE_MAX_READY_SECONDS = 60.0
 # reach at least FFDNet's PSNR when FFDNet is given the noise's RMS as its sigma, plus this, in dB.
 AUTO_MIN_GAIN_OVER_FFDNET_RMS_DB = 0.0
 
-# With noise profiles, the gate (or a JPEG file's header) must pick the profile whose widest sub-network does
-# better on at least this share of the validation photos of each noise (benchmarks.profiles).
+# With noise profiles, the gate (or a JPEG file's header) must pick the profile right on at least this share of
+# the validation photos of each noise (benchmarks.profiles). A choice is right when the chosen profile's widest
+# sub-network is at most PROFILE_TOLERANCE_DB under the other's: the drop that `auto` may cost against `best`.
 PROFILE_MIN_ACCURACY = 0.95
+PROFILE_TOLERANCE_DB = AUTO_MAX_DROP_DB
 
 # A candidate checkpoint may lose at most this much PSNR to the shipped one on AWGN, at any sigma, view
 # scale and quality, in dB (benchmarks.ship, on the validation photos).
