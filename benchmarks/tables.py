@@ -4,8 +4,8 @@
 
 The sub-network table (widths, MFLOPs per pixel, validation PSNR) is read from the checkpoint's own metadata.
 The others are rendered from ``quality.json``, ``speed.json``, ``serve.json``, ``load.json``,
-``val_gap_texture.json`` and ``val_gap.json`` in ``--results`` where they exist, with the targets each
-benchmark judged met or missed.
+``val_gap_texture.json``, ``val_gap.json``, ``profiles.json`` and ``profiles_test.json`` in ``--results`` where
+they exist, with the targets each benchmark judged met or missed.
 """
 
 from __future__ import annotations
@@ -105,6 +105,23 @@ def noise_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def profiles_table(report: dict) -> str:
+    """Per noise, from benchmarks.profiles: the input, the checkpoint's ``auto`` and ``best``, ``auto`` on the
+    upload sent as a ``.jpg`` where the noise is a JPEG, FFDNet (true sigma for AWGN, the noise's RMS
+    otherwise), the profiles the gate chose and what the choice cost against the better profile."""
+    names = report["profiles"]
+    lines = ["| noise | noisy | best | auto | auto, sent as .jpg | FFDNet | auto − FFDNet | chosen ("
+             + " / ".join(names) + ") | right | regret mean / max (dB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for noise, row in report["results"].items():
+        jpg = f"{row['auto as .jpg']:.2f}" if "auto as .jpg" in row else ""
+        chosen = " / ".join(str(row["auto profiles"][name]) for name in names)
+        lines.append(f"| {noise_label(noise)} | {row['noisy']:.2f} | {row['best']:.2f} | {row['auto']:.2f} | {jpg} | "
+                     f"{row['FFDNet']:.2f} | {row['auto - FFDNet']:+.2f} | {chosen} | {row['profile right']:.2f} | "
+                     f"{row['regret mean (dB)']:.3f} / {row['regret max (dB)']:.3f} |")
+    return "\n".join(lines)
+
+
 def target_lines(checks: dict, prefix: str = "") -> list[str]:
     """One markdown bullet per target: ``- NAME: VALUE (met|missed)``."""
     return [f"- {prefix}{name}: {check['value']} ({'met' if check['met'] else 'missed'})"
@@ -172,7 +189,8 @@ def main() -> int:
     print()
     for name, render in (("quality.json", quality_table), ("quality.json", noise_table),
                          ("speed.json", speed_table), ("serve.json", serve_table), ("load.json", load_table),
-                         ("val_gap_texture.json", val_gap_table), ("val_gap.json", val_gap_table)):
+                         ("val_gap_texture.json", val_gap_table), ("val_gap.json", val_gap_table),
+                         ("profiles.json", profiles_table), ("profiles_test.json", profiles_table)):
         path = Path(args.results) / name
         if path.is_file():
             report = json.loads(path.read_text())

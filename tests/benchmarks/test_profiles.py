@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import profiles, targets
+from benchmarks import profiles, tables, targets
 
 
 def photo(white: float, compressed: float, chosen: str, nominal: str = "compressed") -> dict:
@@ -55,3 +55,14 @@ def test_the_profile_target_reads_the_tolerant_share():
     assert checks["15 profile right"] == {"value": 1.0, "bar": targets.PROFILE_MIN_ACCURACY, "met": True}
     row = profiles.summarize([photo(31.0, 30.0, "compressed", nominal="white")] * 3)
     assert not profiles.check("15", row)["15 profile right"]["met"]
+
+
+def test_the_profiles_table_has_a_row_per_noise_with_the_choice_and_its_cost():
+    jpeg = profiles.summarize([{**photo(30.0, 31.0, "compressed"), "auto as .jpg": 30.9,
+                                "auto as .jpg profile": "compressed", "auto as .jpg regret": 0.0}])
+    white = profiles.summarize([photo(31.0, 30.0, "compressed", nominal="white")])
+    report = {"profiles": ["white", "compressed"], "results": {"15": white, "jpeg95-awgn10": jpeg}}
+    header, _, awgn, compressed = tables.profiles_table(report).splitlines()
+    assert "chosen (white / compressed)" in header
+    assert awgn.startswith("| AWGN σ=15 |") and "| 0 / 1 | 0.00 | 1.000 / 1.000 |" in awgn
+    assert "| 30.90 |" in compressed and "| 0 / 1 | 1.00 |" in compressed
