@@ -20,7 +20,7 @@ test photos), at AWGN sigma 15, 25, 50 and every named degradation of
 Targets (``benchmarks.targets``): ``auto`` at least FFDNet's PSNR on every noise but AWGN; on AWGN, ``auto``
 and ``best`` at most ``AWGN_MAX_DROP_DB`` under the shipped checkpoint; the profile right on at least
 ``PROFILE_MIN_ACCURACY`` of the photos of each noise, where right means a regret of at most
-``PROFILE_TOLERANCE_DB`` (the gate's own rule: the cheapest choice within that of the best). The strict share
+``PROFILE_TOLERANCE_DB`` (the drop ``auto`` may cost against ``best``). The strict share
 (the better profile chosen, however close the two) is reported beside it. Writes
 ``benchmarks/results/profiles.json``, with every photo's measurements.
 """
@@ -40,7 +40,7 @@ from model.metrics import psnr
 from service.backends import CHOICES, Runtimes
 from service.settings import Settings
 from training.data import fixed_noisy_set, pair_label
-from training.degradations import EVAL_DEGRADATIONS, EVAL_SIGMAS, noise_rms
+from training.degradations import EVAL_DEGRADATIONS, EVAL_SIGMAS, eval_degradation, noise_rms
 from training.evaluate import noisy_pairs
 from training.provenance import machine
 
@@ -53,7 +53,7 @@ NOMINAL_PROFILE = {"awgn": "white", "poisson_gaussian": "white", "variant": "whi
 
 def nominal_profile(key: float | str) -> str:
     """The profile a noise (an AWGN sigma, or a name in ``EVAL_DEGRADATIONS``) is made for."""
-    return NOMINAL_PROFILE["awgn" if isinstance(key, float) else EVAL_DEGRADATIONS[key][0]]
+    return NOMINAL_PROFILE[eval_degradation(pair_label(key))[0]]
 
 
 def file_quality(key: float | str) -> int | None:

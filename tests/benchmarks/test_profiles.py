@@ -42,9 +42,9 @@ def test_the_confusion_matrix_counts_each_nominal_and_chosen_pair_with_its_cost(
     assert matrix["compressed"]["white"] == {"photos": 2, "regret sum (dB)": 2.5, "regret max (dB)": 2.0}
 
 
-@pytest.mark.parametrize(("key", "profile"), [(25.0, "white"), ("poisson40", "white"), ("ramp5-40", "white"),
-                                              ("jpeg95-awgn10", "compressed"), ("poisson40-jpeg80", "compressed"),
-                                              ("down0.7-awgn30", "compressed")])
+@pytest.mark.parametrize(("key", "profile"), [(25.0, "white"), (15, "white"), ("poisson40", "white"),
+                                              ("ramp5-40", "white"), ("jpeg95-awgn10", "compressed"),
+                                              ("poisson40-jpeg80", "compressed"), ("down0.7-awgn30", "compressed")])
 def test_each_noise_has_the_profile_it_is_made_for(key, profile):
     assert profiles.nominal_profile(key) == profile
 
