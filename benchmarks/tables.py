@@ -22,16 +22,32 @@ from model import DEFAULT_CHECKPOINT, CheckpointError, Subnet, load_checkpoint
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def _is_sigma(label: str) -> bool:
+    try:
+        float(label)
+    except ValueError:
+        return False
+    return True
+
+
 def subnet_table(subnets: list[Subnet]) -> str:
-    """The checkpoint's sub-network table: MFLOPs per pixel, share of the widest's, validation PSNR, widths."""
-    sigmas = sorted({sigma for subnet in subnets for sigma in subnet.val_psnr}, key=float)
+    """The checkpoint's sub-network table: its profile (where there are several), MFLOPs per pixel, share of
+    the widest's, validation PSNR (AWGN sigmas in order, then the other noises as the rows list them),
+    widths."""
+    labels = list(dict.fromkeys(label for subnet in subnets for label in subnet.val_psnr))
+    labels = sorted(filter(_is_sigma, labels), key=float) + [label for label in labels if not _is_sigma(label)]
+    profiles = len({subnet.profile for subnet in subnets}) > 1
     widest = max(subnet.mflops_per_pixel for subnet in subnets)
-    lines = ["| # | MFLOPs/px | of widest | " + " | ".join(f"val PSNR σ={s}" for s in sigmas) + " | widths |",
-             "|---|---|---|" + "---|" * len(sigmas) + "---|"]
+    heads = [f"val PSNR σ={label}" if _is_sigma(label) else f"val PSNR {label}" for label in labels]
+    lines = ["| # | " + ("profile | " if profiles else "") + "MFLOPs/px | of widest | " + " | ".join(heads)
+             + " | widths |",
+             "|---|" + ("---|" if profiles else "") + "---|---|" + "---|" * len(labels) + "---|"]
     for index, subnet in enumerate(subnets):
-        psnrs = " | ".join(f"{subnet.val_psnr[s]:.2f}" if s in subnet.val_psnr else "n/a" for s in sigmas)
-        lines.append(f"| {index} | {subnet.mflops_per_pixel:.3f} | {100 * subnet.mflops_per_pixel / widest:.1f}% | "
-                     f"{psnrs} | {', '.join(map(str, subnet.widths))} |")
+        psnrs = " | ".join(f"{subnet.val_psnr[s]:.2f}" if s in subnet.val_psnr else "n/a" for s in labels)
+        profile = f"{subnet.profile} | " if profiles else ""
+        share = f"{100 * subnet.mflops_per_pixel / widest:.1f}%"
+        lines.append(f"| {index} | {profile}{subnet.mflops_per_pixel:.3f} | {share} | {psnrs} | "
+                     f"{', '.join(map(str, subnet.widths))} |")
     return "\n".join(lines)
 
 
@@ -40,7 +56,8 @@ def quality_table(report: dict) -> str:
     sigmas = list(report["results"])
     speed_sigma = f"{targets.TARGET_SIGMA:g}" if f"{targets.TARGET_SIGMA:g}" in sigmas else sigmas[0]
     methods = ["auto", "fast", "best"] + sorted(m for m in report["results"][sigmas[0]] if m.startswith("subnet_"))
-    lines = ["| method | MFLOPs/px | " + " | ".join(f"PSNR σ={s}" for s in sigmas) + f" | images/s (σ={speed_sigma}) |",
+    heads = [f"PSNR σ={s}" if _is_sigma(s) else f"PSNR {s}" for s in sigmas]
+    lines = ["| method | MFLOPs/px | " + " | ".join(heads) + f" | images/s (σ={speed_sigma}) |",
              "|---|---|" + "---|" * len(sigmas) + "---|"]
     for method in methods:
         rows = [report["results"][s][method] for s in sigmas]

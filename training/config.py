@@ -115,6 +115,9 @@ class TailorStage(RunOptions, SandwichLoss):
     """Stage 2: greedy progressive channel tailoring (AutoSlim), then optionally a short fine-tune."""
 
     supernet: str = "runs/supernet/supernet.safetensors"
+    # The profile of ``supernet`` whose weights the run starts from and whose sub-networks ``search: false``
+    # keeps, for a checkpoint with several; empty: its first (``white``).
+    source_profile: str = ""
     out_dir: str = "runs/tailor"
     data: DataConfig = field(default_factory=DataConfig)
     search_crop: int = 128
@@ -230,7 +233,8 @@ class GateStage(RunOptions):
     # The keys of ``model.gate.GateConfig`` (its ``num_subnets`` is the table's length).
     gate: dict = field(default_factory=dict)
     # More profiles to gate between: name -> a profile stage's checkpoint (``ddsnet-train profile``), whose
-    # sub-networks join ``tailored``'s, relabelled with the name.
+    # sub-networks join ``tailored``'s, relabelled with the name. A name that ``tailored`` already holds (not
+    # its first) is replaced: the profile is re-made.
     profiles: dict[str, str] = field(default_factory=dict)
     # > 0: validate on centre crops of this side instead of whole photos.
     val_crop: int = 0

@@ -201,12 +201,23 @@ def _search(net: SlimUNet, config: TailorStage, log: JsonLog, started: float) ->
     return configs
 
 
-def kept_configurations(checkpoint: Checkpoint, source: str) -> list[WidthConfig]:
-    """The K configurations of an already tailored checkpoint's table (``search: false``), widest first."""
-    configs = [tuple(s.widths) for s in checkpoint.subnets]
+def source_profile(checkpoint: Checkpoint, source: str, name: str) -> str:
+    """The profile of ``checkpoint`` that a run starts from: ``name``, or the first where it is empty."""
+    if not name:
+        return checkpoint.profiles[0]
+    if name not in checkpoint.nets:
+        raise ValueError(f"source_profile: {source} has no profile {name!r}; its profiles are {checkpoint.profiles}")
+    return name
+
+
+def kept_configurations(checkpoint: Checkpoint, source: str, profile: str = "") -> list[WidthConfig]:
+    """The K configurations of one profile (``profile``; empty: the first) of an already tailored checkpoint's
+    table (``search: false``), widest first."""
+    profile = source_profile(checkpoint, source, profile)
+    configs = [tuple(s.widths) for s in checkpoint.subnets if s.profile == profile]
     stages = checkpoint.provenance.get("stages", {})
     tailored = "tailor" in stages or "tailor" in checkpoint.provenance  # the latter: provenance before ddsnet 0.2
-    if not tailored or configs[0] != tuple(checkpoint.net.widest()):
+    if not tailored or not configs or configs[0] != tuple(checkpoint.nets[profile].widest()):
         raise ValueError(f"{source}: search=false needs a tailored checkpoint (stage 2's or stage 3's output), "
                          "whose table lists the sub-networks to keep; this one has not been through stage 2")
     return configs
@@ -304,14 +315,15 @@ def _resumed(config: TailorStage, state_path: Path, compute: Compute
 def _fresh(config: TailorStage, compute: Compute) -> tuple[SlimUNet, list[WidthConfig], dict, JsonLog, float]:
     """The supernet loaded and its K configurations found (searched, kept or given, then refilled)."""
     checkpoint = load_checkpoint(config.supernet)
-    net = compute.module(checkpoint.net)
+    profile = source_profile(checkpoint, config.supernet, config.source_profile)
+    net = compute.module(checkpoint.nets[profile])
     if config.configs and config.search:
         raise ValueError("configs lists the sub-networks to keep instead of searching; set search=false too")
     kept = None  # checked before anything is written
     if config.configs:
         kept = given_configurations(net, config.configs)
     elif not config.search:
-        kept = kept_configurations(checkpoint, config.supernet)
+        kept = kept_configurations(checkpoint, config.supernet, profile)
     if config.refill and kept is not None and len(config.targets) != len(kept) - 1:
         raise ValueError(f"refill: targets gives {len(config.targets)} FLOPs fractions for the "
                          f"{len(kept) - 1} sub-networks after the widest; give one for each")

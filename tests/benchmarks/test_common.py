@@ -203,6 +203,16 @@ def test_subnet_table_renders_the_checkpoint_rows():
     assert lines[3] == "| 1 | 0.125 | 25.0% | 33.50 | 31.00 | 4, 8 |"
 
 
+def test_subnet_table_of_two_profiles_names_each_rows_profile_and_its_noises():
+    subnets = [Subnet((8, 16), 0.5, {"25": 31.5, "15": 34.0}),
+               Subnet((8, 16), 0.5, {"25": 31.7, "jpeg80-awgn15": 29.7, "down0.7-awgn30": 31.2}, "compressed")]
+    lines = tables.subnet_table(subnets).splitlines()
+    assert lines[0] == ("| # | profile | MFLOPs/px | of widest | val PSNR σ=15 | val PSNR σ=25 | "
+                        "val PSNR jpeg80-awgn15 | val PSNR down0.7-awgn30 | widths |")
+    assert lines[2] == "| 0 | white | 0.500 | 100.0% | 34.00 | 31.50 | n/a | n/a | 8, 16 |"
+    assert lines[3] == "| 1 | compressed | 0.500 | 100.0% | n/a | 31.70 | 29.70 | 31.20 | 8, 16 |"
+
+
 def test_tables_reads_the_subnet_table_from_the_checkpoint(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     common.write_report(tmp_path / "quality.json", quality_report())
     monkeypatch.setattr(sys, "argv", ["tables", "--checkpoint", tiny_checkpoint, "--results", str(tmp_path)])

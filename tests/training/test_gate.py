@@ -4,6 +4,8 @@ over two profiles and its loss."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,30 +77,79 @@ def test_the_label_rule_takes_the_best_profile_as_its_reference():
     assert smallest_within(psnrs, mflops, 0.01, widest=[0, 2]).tolist() == [2, 0]
 
 
-def test_the_gate_stage_gates_between_two_profiles_and_reports_the_profile_choice(three_stage_run, photo_dirs,
-                                                                                  tmp_path):
+@dataclass
+class TwoProfileRun:
+    data: str  # the stages' ``data`` override, JSON
+    profile: Path  # the compressed profile stage's checkpoint
+    gated: Path  # the gate over white and compressed
+    out: Path
+
+
+def _gate_two_profiles(tailored, profile, out_dir, data: str) -> Path:
+    return train_gate(load_config(GateStage, None, [
+        f"tailored={tailored}", f"profiles.compressed={profile}", f"out_dir={out_dir}",
+        "steps=3", "batch_size=2", "crop=16", "regret_weight=0.5", "replay=2", "gate.noise_stats=true",
+        "save_dtype=float16", "val_crop=24", f"data={data}", "data.degradations.mix={awgn: 1.0, jpeg: 1.0}"]))
+
+
+@pytest.fixture(scope="module")
+def two_profile_run(three_stage_run, photo_dirs, tmp_path_factory) -> TwoProfileRun:
+    """A compressed profile fine-tuned from the tiny tailored checkpoint, and a gate over both profiles."""
+    out = tmp_path_factory.mktemp("two_profiles")
     data = json.dumps({"train_dir": str(photo_dirs / "train"), "val_dir": str(photo_dirs / "val"), "val_crop": 32,
                        "val_sigmas": [25], "val_degradations": ["jpeg30-awgn10"], "val_scales": [1.0]})
     profile = tailor(load_config(ProfileStage, None, [
-        f"supernet={three_stage_run.tailored}", f"out_dir={tmp_path / 'compressed'}", "finetune_steps=2",
+        f"supernet={three_stage_run.tailored}", f"out_dir={out / 'compressed'}", "finetune_steps=2",
         "finetune_crop=16", "finetune_batch=2", f"data={data}", "data.degradations.mix={jpeg: 1.0}"]))
-    profile_checkpoint = load_checkpoint(profile)
+    gated = _gate_two_profiles(three_stage_run.tailored, profile, out / "gate", data)
+    return TwoProfileRun(data, profile, gated, out)
+
+
+def test_the_gate_stage_gates_between_two_profiles_and_reports_the_profile_choice(two_profile_run):
+    profile_checkpoint = load_checkpoint(two_profile_run.profile)
     assert [s.profile for s in profile_checkpoint.subnets] == ["compressed"] * 4
     assert profile_checkpoint.provenance["stages"]["profile"]["profile"] == "compressed"
-    gated = train_gate(load_config(GateStage, None, [
-        f"tailored={three_stage_run.tailored}", f"profiles.compressed={profile}", f"out_dir={tmp_path / 'gate'}",
-        "steps=3", "batch_size=2", "crop=16", "regret_weight=0.5", "replay=2", "gate.noise_stats=true",
-        "save_dtype=float16", "val_crop=24", f"data={data}", "data.degradations.mix={awgn: 1.0, jpeg: 1.0}"]))
-    checkpoint = load_checkpoint(gated)
+    checkpoint = load_checkpoint(two_profile_run.gated)
     assert checkpoint.profiles == ["white", "compressed"] and checkpoint.gate.config.num_subnets == 8
     assert torch.equal(checkpoint.nets["compressed"].head.weight,
                        profile_checkpoint.net.head.weight.half().float())  # stored in float16
-    report = json.loads((tmp_path / "gate" / "report.json").read_text())
+    report = json.loads((two_profile_run.gated.parent / "report.json").read_text())
     shipped = report["shipped"]
     assert report["rounding_loss_db"] >= 0 and shipped["profiles"] == ["white", "compressed"]
     assert sum(map(sum, shipped["profile_confusion_right_by_pick"])) == 2  # one photo, two noises
     assert set(shipped["by_sigma"]) == {"25", "jpeg30-awgn10"}
     assert all("profile_accuracy" in row for row in shipped["by_sigma"].values())
+
+
+def test_a_gated_checkpoints_profile_is_continued_and_replaced_in_a_new_gate(two_profile_run):
+    run = two_profile_run
+    gated = load_checkpoint(run.gated)
+    # A profile stage on the gated checkpoint starts from the profile it names and keeps only that one's rows.
+    again = tailor(load_config(ProfileStage, None, [
+        f"supernet={run.gated}", "source_profile=compressed", f"out_dir={run.out / 'compressed2'}",
+        "finetune_steps=0", f"data={run.data}"]))
+    continued = load_checkpoint(again)
+    assert [s.profile for s in continued.subnets] == ["compressed"] * 4
+    assert [s.widths for s in continued.subnets] == [s.widths for s in gated.subnets if s.profile == "compressed"]
+    assert torch.equal(continued.net.head.weight, gated.nets["compressed"].head.weight)
+    assert not torch.equal(continued.net.head.weight, gated.nets["white"].head.weight)
+    # Without source_profile it starts from the first profile, and still keeps one profile's rows.
+    white = load_checkpoint(tailor(load_config(ProfileStage, None, [
+        f"supernet={run.gated}", f"out_dir={run.out / 'from-white'}", "finetune_steps=0", f"data={run.data}"])))
+    assert len(white.subnets) == 4 and torch.equal(white.net.head.weight, gated.nets["white"].head.weight)
+    with pytest.raises(ValueError, match="source_profile"):
+        tailor(load_config(ProfileStage, None, [
+            f"supernet={run.gated}", "source_profile=sharp", f"out_dir={run.out / 'none'}", "finetune_steps=0",
+            f"data={run.data}"]))
+    # The gate over the gated checkpoint replaces its compressed profile with the one given.
+    regated = load_checkpoint(_gate_two_profiles(run.gated, again, run.out / "gate2", run.data))
+    assert regated.profiles == ["white", "compressed"] and len(regated.subnets) == 8
+    assert [s.profile for s in regated.subnets] == ["white"] * 4 + ["compressed"] * 4
+    assert torch.equal(regated.nets["white"].head.weight, gated.nets["white"].head.weight)
+    assert torch.equal(regated.nets["compressed"].head.weight, continued.net.head.weight.half().float())
+    with pytest.raises(ValueError, match="first profile"):
+        train_gate(load_config(GateStage, None, [f"tailored={run.gated}", f"profiles.white={again}",
+                                                 f"out_dir={run.out / 'gate3'}"]))
 
 
 def _two_profile_choices() -> Choices:
