@@ -7,8 +7,8 @@ On the validation photos (default ``../shared/data/photos/val-texture``; ``--ima
 test photos), at AWGN sigma 15, 25, 50 and every named degradation of
 ``training.degradations.EVAL_DEGRADATIONS``, fixed seeds, 8-bit. Per noise:
 
-- ``auto`` and ``best`` of the candidate with the pixels sent losslessly (a PNG), and for the JPEG kinds also
-  ``auto`` as a phone sends it, a ``.jpg`` file whose header gives its quality;
+- ``auto`` and ``best`` of the candidate with the pixels sent losslessly (a PNG), the sub-network ``auto`` ran,
+  and for the JPEG kinds also ``auto`` as a phone sends it, a ``.jpg`` file whose header gives its quality;
 - ``best`` of each of the candidate's profiles, so that what each profile choice costs is known: its regret, the
   better profile's widest minus the chosen one's;
 - the confusion matrix of the choice against the profile each noise is made for (:data:`NOMINAL_PROFILE`: white
@@ -81,6 +81,7 @@ def measure_pair(candidate: Denoiser, shipped: Denoiser, ffdnet, key, clean: tor
     row["nominal profile"] = nominal_profile(key)
     auto = candidate.select(noisy, Quality.auto)
     row["auto"], row["auto profile"] = quality_of(candidate, auto.index), auto.profile
+    row["auto subnet"] = auto.index
     row["best"] = widest[auto.profile]
     row["regret"] = max(widest.values()) - widest[auto.profile]
     jpeg_quality = file_quality(key)
@@ -111,6 +112,9 @@ def summarize(rows: list[dict]) -> dict:
     profiles = list(rows[0]["best by profile"])
     summary["auto profiles"] = {name: sum(r["auto profile"] == name for r in rows) for name in profiles}
     summary["better profiles"] = {name: sum(r["right profile"] == name for r in rows) for name in profiles}
+    if "auto subnet" in rows[0]:  # the rows of the table that auto ran, by how many photos
+        picked = [r["auto subnet"] for r in rows]
+        summary["auto subnets"] = {str(index): picked.count(index) for index in sorted(set(picked))}
     if "auto as .jpg profile" in rows[0]:
         summary["auto as .jpg profiles"] = {name: sum(r["auto as .jpg profile"] == name for r in rows)
                                             for name in profiles}

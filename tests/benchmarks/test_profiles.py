@@ -30,6 +30,12 @@ def test_a_choice_within_the_tolerance_counts_as_right_and_the_strict_share_does
     assert summary["regret max (dB)"] == pytest.approx(1.0)
     assert summary["auto profiles"] == {"white": 1, "compressed": 3}
     assert summary["better profiles"] == {"white": 2, "compressed": 2}
+    assert "auto subnets" not in summary  # rows without the sub-network auto ran
+
+
+def test_the_sub_networks_auto_ran_are_counted_by_row_of_the_table():
+    rows = [{**photo(30.0, 31.0, "compressed"), "auto subnet": index} for index in (7, 7, 9, 5, 7)]
+    assert profiles.summarize(rows)["auto subnets"] == {"5": 1, "7": 3, "9": 1}
 
 
 def test_the_confusion_matrix_counts_each_nominal_and_chosen_pair_with_its_cost():
