@@ -22,7 +22,8 @@ and ``best`` at most ``AWGN_MAX_DROP_DB`` under the shipped checkpoint; the prof
 ``PROFILE_MIN_ACCURACY`` of the photos of each noise, where right means a regret of at most
 ``PROFILE_TOLERANCE_DB`` (the drop ``auto`` may cost against ``best``). The strict share
 (the better profile chosen, however close the two) is reported beside it. Writes
-``benchmarks/results/profiles.json``, with every photo's measurements.
+``benchmarks/results/profiles.json`` (``profiles_test.json`` for the test photos), with every photo's
+measurements.
 """
 
 from __future__ import annotations
@@ -184,7 +185,8 @@ def main() -> int:
     parser.add_argument("--backend", default="auto", choices=CHOICES,
                         help="the engines that run the sub-networks, as `ddsnet serve --backend` (every float32 "
                              "engine agrees with the supernet to 1e-4); default: auto, from the engine cache")
-    parser.add_argument("--out", default="benchmarks/results/profiles.json")
+    parser.add_argument("--out", help="the report (default: benchmarks/results/profiles.json, or profiles_test.json "
+                                      "with --images skimage)")
     args = parser.parse_args()
 
     candidate = Denoiser(load_checkpoint(args.candidate))
@@ -214,7 +216,8 @@ def main() -> int:
             f"{nominal} -> {chosen}: {cell['photos']}, {cell['regret sum (dB)']}"
             for nominal, cells in matrix.items() for chosen, cell in cells.items()))
     print_targets(checks)
-    write_report(args.out, {
+    out = args.out or f"benchmarks/results/{'profiles_test' if args.images == 'skimage' else 'profiles'}.json"
+    write_report(out, {
         "command": command_line(), "candidate": args.candidate, "shipped": args.shipped, "images": args.images,
         "seed": args.seed, "backend": args.backend, "photos": len({name for name, _, _, _ in pairs}),
         "machine": machine(),

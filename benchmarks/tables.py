@@ -55,7 +55,8 @@ def quality_table(report: dict) -> str:
     """ddsnet's qualities, its sub-networks and the peers per sigma, then the targets, met or missed."""
     sigmas = list(report["results"])
     speed_sigma = f"{targets.TARGET_SIGMA:g}" if f"{targets.TARGET_SIGMA:g}" in sigmas else sigmas[0]
-    methods = ["auto", "fast", "best"] + sorted(m for m in report["results"][sigmas[0]] if m.startswith("subnet_"))
+    methods = ["auto", "fast", "best"] + sorted((m for m in report["results"][sigmas[0]] if m.startswith("subnet_")),
+                                                 key=lambda m: int(m.split("_")[1]))
     heads = [f"PSNR σ={s}" if _is_sigma(s) else f"PSNR {s}" for s in sigmas]
     lines = ["| method | MFLOPs/px | " + " | ".join(heads) + f" | images/s (σ={speed_sigma}) |",
              "|---|---|" + "---|" * len(sigmas) + "---|"]

@@ -115,9 +115,6 @@ class TailorStage(RunOptions, SandwichLoss):
     """Stage 2: greedy progressive channel tailoring (AutoSlim), then optionally a short fine-tune."""
 
     supernet: str = "runs/supernet/supernet.safetensors"
-    # The profile of ``supernet`` whose weights the run starts from and whose sub-networks ``search: false``
-    # keeps, for a checkpoint with several; empty: its first (``white``).
-    source_profile: str = ""
     out_dir: str = "runs/tailor"
     data: DataConfig = field(default_factory=DataConfig)
     search_crop: int = 128
@@ -187,6 +184,9 @@ class ProfileStage(TailorStage):
     profile: str = "compressed"
     # Starts from the shipped checkpoint's weights and keeps its sub-networks.
     supernet: str = DEFAULT_CHECKPOINT
+    # The profile of ``supernet`` whose weights the run starts from and whose sub-networks it keeps, for a
+    # checkpoint with several (a profile is re-made from its own weights); empty: its first profile.
+    source_profile: str = ""
     out_dir: str = "runs/profile"
     search: bool = False
     data: DataConfig = field(default_factory=compressed_data)

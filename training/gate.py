@@ -338,10 +338,10 @@ def train_gate(config: GateStage) -> Path:
     config), ``log.jsonl`` and ``report.json`` (every gate of the sweep on validation, and the one shipped).
     """
     check_settings(config)
+    choices, source = load_choices(config)  # refused before anything is written
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, out_dir / CONFIG_FILE)
-    choices, source = load_choices(config)
     data_sha256 = data_digests(config.data)
     compute = Compute(config.compute)
     for net in choices.nets.values():

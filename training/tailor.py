@@ -315,7 +315,8 @@ def _resumed(config: TailorStage, state_path: Path, compute: Compute
 def _fresh(config: TailorStage, compute: Compute) -> tuple[SlimUNet, list[WidthConfig], dict, JsonLog, float]:
     """The supernet loaded and its K configurations found (searched, kept or given, then refilled)."""
     checkpoint = load_checkpoint(config.supernet)
-    profile = source_profile(checkpoint, config.supernet, config.source_profile)
+    # A tailor run starts from the first profile; a profile run from the one it names.
+    profile = source_profile(checkpoint, config.supernet, getattr(config, "source_profile", ""))
     net = compute.module(checkpoint.nets[profile])
     if config.configs and config.search:
         raise ValueError("configs lists the sub-networks to keep instead of searching; set search=false too")

@@ -150,6 +150,7 @@ def test_a_gated_checkpoints_profile_is_continued_and_replaced_in_a_new_gate(two
     with pytest.raises(ValueError, match="first profile"):
         train_gate(load_config(GateStage, None, [f"tailored={run.gated}", f"profiles.white={again}",
                                                  f"out_dir={run.out / 'gate3'}"]))
+    assert not (run.out / "gate3").exists()
 
 
 def _two_profile_choices() -> Choices:
