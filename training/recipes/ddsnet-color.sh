@@ -5,7 +5,7 @@
 #
 # Each step reads the previous step's output under RUN_DIR and writes its own folder there (config.yaml,
 # log.jsonl, the checkpoint). A step whose checkpoint exists is skipped, so an interrupted recipe is re-run
-# with the same command. The last step writes RUN_DIR/profile-gate/ddsnet.safetensors, the gated checkpoint with
+# with the same command. The last step writes RUN_DIR/profile2-gate/ddsnet.safetensors, the gated checkpoint with
 # both profiles.
 # On two CPU cores the whole chain takes about 36 hours (docs/MODEL_CARD.md, "Training").
 #
@@ -146,4 +146,16 @@ done_or_run profile-gate "$train" gate "${common[@]}" --set "data.val_dir=$textu
   --set gate.noise_stats=true "${profile_mix[@]}" \
   --set 'data.val_degradations=[poisson40,ramp5-40,jpeg80-awgn15,jpeg30-awgn10,jpeg60-awgn10,jpeg95-awgn10,jpeg90x75-awgn10,poisson40-jpeg80,down0.7-awgn30]' \
   --set steps=200 --set replay=8 --set save_dtype=float16 --set "out_dir=$run/profile-gate"
-echo "recipe done: $run/profile-gate/ddsnet.safetensors"
+
+# The compressed profile fine-tuned again, from the profile gate's compressed weights, and one gate over both
+# profiles again.
+done_or_run profile2 "$train" profile "${common[@]}" --set "data.val_dir=$texture_val_dir" \
+  --set 'data.scale_range=[1.0,1.0]' --set data.texture_candidates=3 --set val_crop=256 \
+  --set "supernet=$run/profile-gate/ddsnet.safetensors" --set source_profile=compressed \
+  --set finetune_steps=1200 --set seed=1 --set "out_dir=$run/profile2"
+done_or_run profile2-gate "$train" gate "${common[@]}" --set "data.val_dir=$texture_val_dir" --set val_crop=256 \
+  --set "tailored=$run/profile-gate/ddsnet.safetensors" --set "profiles.compressed=$run/profile2/tailored.safetensors" \
+  --set gate.noise_stats=true "${profile_mix[@]}" \
+  --set 'data.val_degradations=[poisson40,ramp5-40,jpeg80-awgn15,jpeg30-awgn10,jpeg60-awgn10,jpeg95-awgn10,jpeg90x75-awgn10,poisson40-jpeg80,down0.7-awgn30]' \
+  --set steps=100 --set replay=8 --set save_dtype=float16 --set seed=1 --set "out_dir=$run/profile2-gate"
+echo "recipe done: $run/profile2-gate/ddsnet.safetensors"
