@@ -233,8 +233,8 @@ class GateStage(RunOptions):
     # The keys of ``model.gate.GateConfig`` (its ``num_subnets`` is the table's length).
     gate: dict = field(default_factory=dict)
     # More profiles to gate between: name -> a profile stage's checkpoint (``ddsnet-train profile``), whose
-    # sub-networks join ``tailored``'s, relabelled with the name. A name that ``tailored`` already holds (not
-    # its first) is replaced: the profile is re-made.
+    # sub-networks join ``tailored``'s, relabelled with the name. A name that ``tailored`` already holds (its
+    # first included) is replaced in place: the profile is re-made.
     profiles: dict[str, str] = field(default_factory=dict)
     # > 0: validate on centre crops of this side instead of whole photos.
     val_crop: int = 0

@@ -89,16 +89,14 @@ class Choices:
 def load_choices(config: GateStage) -> tuple[Choices, Checkpoint]:
     """The tailored checkpoint's profiles and rows, then those of each of ``config.profiles`` (name -> a
     profile stage's checkpoint, its rows relabelled with the name). A name that is already a profile of the
-    tailored checkpoint replaces that profile's weights and rows in place, so a gated checkpoint's profile can
-    be re-made. Returns them and the last checkpoint read, whose provenance the gated checkpoint continues."""
+    tailored checkpoint, the first included, replaces that profile's weights and rows in place, so any profile
+    of a gated checkpoint can be re-made. Returns them and the last checkpoint read, whose provenance the gated
+    checkpoint continues."""
     checkpoint = load_checkpoint(config.tailored)
     nets = dict(checkpoint.nets)
     rows = {name: [s for s in checkpoint.subnets if s.profile == name] for name in nets}
     last = checkpoint
     for name, path in config.profiles.items():
-        if name == checkpoint.profiles[0]:
-            raise ValueError(f"profiles: {name!r} is the first profile of {config.tailored}, whose weights it "
-                             "gates the others beside; give another name")
         last = load_checkpoint(path)
         if last.net.config != checkpoint.net.config:
             raise ValueError(f"profiles: {path} has another architecture than {config.tailored}")

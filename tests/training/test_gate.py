@@ -85,9 +85,9 @@ class TwoProfileRun:
     out: Path
 
 
-def _gate_two_profiles(tailored, profile, out_dir, data: str) -> Path:
+def _gate_two_profiles(tailored, profile, out_dir, data: str, name: str = "compressed") -> Path:
     return train_gate(load_config(GateStage, None, [
-        f"tailored={tailored}", f"profiles.compressed={profile}", f"out_dir={out_dir}",
+        f"tailored={tailored}", f"profiles.{name}={profile}", f"out_dir={out_dir}",
         "steps=3", "batch_size=2", "crop=16", "regret_weight=0.5", "replay=2", "gate.noise_stats=true",
         "save_dtype=float16", "val_crop=24", f"data={data}", "data.degradations.mix={awgn: 1.0, jpeg: 1.0}"]))
 
@@ -147,10 +147,12 @@ def test_a_gated_checkpoints_profile_is_continued_and_replaced_in_a_new_gate(two
     assert [s.profile for s in regated.subnets] == ["white"] * 4 + ["compressed"] * 4
     assert torch.equal(regated.nets["white"].head.weight, gated.nets["white"].head.weight)
     assert torch.equal(regated.nets["compressed"].head.weight, continued.net.head.weight.half().float())
-    with pytest.raises(ValueError, match="first profile"):
-        train_gate(load_config(GateStage, None, [f"tailored={run.gated}", f"profiles.white={again}",
-                                                 f"out_dir={run.out / 'gate3'}"]))
-    assert not (run.out / "gate3").exists()
+    # The first profile is replaced in place too, and keeps its place in the table.
+    rewhite = load_checkpoint(_gate_two_profiles(run.gated, again, run.out / "gate3", run.data, name="white"))
+    assert rewhite.profiles == ["white", "compressed"]
+    assert [s.profile for s in rewhite.subnets] == ["white"] * 4 + ["compressed"] * 4
+    assert torch.equal(rewhite.nets["white"].head.weight, continued.net.head.weight.half().float())
+    assert torch.equal(rewhite.nets["compressed"].head.weight, gated.nets["compressed"].head.weight)
 
 
 def _two_profile_choices() -> Choices:
