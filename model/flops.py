@@ -10,6 +10,11 @@ from __future__ import annotations
 from model.gate import NUM_STATS, GateConfig
 from model.supernet import LayerSpec, SlimUNet, WidthConfig
 
+# model.gate.noise_statistics per pixel: luma (3), its residual (10), the residual's energy and four lagged
+# products (5), two steps (2), the three channels' residuals (30), the colour energy (6), the half-resolution mean
+# and residual (4), the red-green products (3). Counted as MACs although most are adds.
+STATS_MACS_PER_PIXEL = 63
+
 
 def _conv_macs(spec: LayerSpec, height: int, width: int) -> int:
     in_h, in_w = height // spec.scale, width // spec.scale
@@ -37,19 +42,19 @@ def supernet_mflops_per_pixel(net: SlimUNet, widths: WidthConfig) -> float:
     return 2 * supernet_macs(net, widths, side, side) / (side * side) / 1e6
 
 
-def gate_macs(config: GateConfig, height: int, width: int) -> int:
-    """MACs of the gate on one ``height x width`` image (padded as the gate pads it)."""
+def gate_macs(config: GateConfig, height: int, width: int, widths: bool = True) -> int:
+    """MACs of the gate on one ``height x width`` image (padded as the gate pads it). ``widths=False``: of the
+    profile head alone (:meth:`model.gate.Gate.profile_log_probs`), which needs ``config.profiles``."""
     multiple = GateConfig.size_multiple
     height, width = height + (-height % multiple), width + (-width % multiple)
+    if not widths:
+        return STATS_MACS_PER_PIXEL * height * width + NUM_STATS * config.hidden + config.hidden * config.num_profiles
     f1, f2, f3 = config.features
     macs = 16 * config.in_channels * f1 * (height // 4) * (width // 4)
     macs += 9 * f1 * f2 * (height // 8) * (width // 8)
     macs += 9 * f2 * f3 * (height // 16) * (width // 16)
     if config.reads_stats:
-        # Per pixel: luma (3), its residual (10), the residual's energy and four lagged products (5), two steps
-        # (2), the three channels' residuals (30), the colour energy (6), the half-resolution mean and residual
-        # (4), the red-green products (3). Counted as MACs although most are adds.
-        macs += 63 * height * width
+        macs += STATS_MACS_PER_PIXEL * height * width
     fc_inputs = 2 * f3 + (NUM_STATS if config.noise_stats else 0)
     macs += fc_inputs * config.hidden + config.hidden * config.num_subnets
     if config.profiles:

@@ -89,11 +89,22 @@ class Gate(nn.Module):
         scores = self.fc2(torch.relu(self.fc1(torch.cat(pooled, dim=1))))
         if not self.config.profiles:
             return scores
-        profile = self.profile_fc2(torch.relu(self.profile_fc1(stats))).log_softmax(dim=1)
+        profile = self._profile_head(stats)
         logits = torch.empty_like(scores)
         for group, rows in enumerate(self.groups):
             logits[:, rows] = scores[:, rows].log_softmax(dim=1) + profile[:, group : group + 1]
         return logits
+
+    def profile_log_probs(self, noisy: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` to ``(B, P)``: the profile head's log-probabilities alone, which are what
+        :meth:`forward`'s logits give each profile in all, without running the width layers. Needs
+        ``config.profiles``."""
+        if not self.config.profiles:
+            raise ValueError("this gate has no profile head")
+        return self._profile_head(noise_statistics(pad_to_multiple(noisy, GateConfig.size_multiple)))
+
+    def _profile_head(self, stats: torch.Tensor) -> torch.Tensor:
+        return self.profile_fc2(torch.relu(self.profile_fc1(stats))).log_softmax(dim=1)
 
 
 NUM_STATS = 10

@@ -138,7 +138,8 @@ class Denoiser:
         :data:`JPEG_HINT_MAX_QUALITY` (``jpeg_quality``, from its header), the compressed profile; else the
         profile that the gate gives the most probability in all (:func:`model.gate.choose`). Within the
         profile, ``auto`` takes the gate's best-scored sub-network, ``best`` the widest and ``fast`` the
-        slimmest. The gate runs only where it decides something.
+        slimmest. The gate runs only where it decides something: for ``fast`` and ``best``, only its profile
+        head, which decides the profile as :func:`model.gate.choose` does (up to rounding).
         """
         self.check_noise(noise)
         profile, reason = None, PROFILE_GATE
@@ -152,6 +153,12 @@ class Denoiser:
         if profile is not None and quality is not Quality.auto:
             pick = self.best_of(profile) if quality is Quality.best else self.fast_of(profile)
             return Selection(pick, 0, profile, reason)
+        if quality is not Quality.auto and self.gate.config.profiles:
+            # Only the profile is left to decide: the profile head alone, without the width layers.
+            group = int(self.gate.profile_log_probs(noisy.to(self.device))[0].argmax())
+            profile = self.subnets[self.gate.groups[group][0]].profile
+            pick = self.best_of(profile) if quality is Quality.best else self.fast_of(profile)
+            return Selection(pick, gate_macs(self.gate.config, *noisy.shape[-2:], widths=False), profile, reason)
         logits = self.gate(noisy.to(self.device))[0]
         macs = gate_macs(self.gate.config, *noisy.shape[-2:])
         if profile is None:

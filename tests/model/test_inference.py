@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from model import Denoiser, Noise, Quality, Selection, denoise_whole, gate_macs, load_checkpoint
+from model.gate import choose
 
 
 @pytest.fixture
@@ -114,7 +115,29 @@ def test_the_gate_picks_the_profile_and_auto_takes_its_best_scored_width_within_
     requested = profiled.select(noisy, Quality.auto, Noise.white)
     assert requested.index == [0, 1, 2][int(logits[:3].argmax())] and requested.profile_reason == "requested"
     best = profiled.select(noisy, Quality.best)  # the gate decides the profile, then the widest of it
-    assert best.index == profiled.best_of(profile) and best.gate_macs == chosen.gate_macs
+    assert best.index == profiled.best_of(profile) and best.profile_reason == "gate"
+    # ... from its profile head alone, which costs less than the whole gate
+    assert best.gate_macs == gate_macs(profiled.gate.config, 48, 48, widths=False) < chosen.gate_macs
+
+
+def test_fast_and_best_decide_the_profile_from_the_profile_head_as_the_whole_gate_does(profiled):
+    groups = [profiled.rows[name] for name in profiled.profiles]
+    bias = profiled.gate.profile_fc2.bias
+    seen = set()
+    for shift in (-4.0, -1.0, 0.0, 1.0, 4.0):  # moves the head's choice from one profile to the other
+        with torch.no_grad():
+            bias[0] += shift
+        for seed in range(4):
+            noisy = noisy_image(40, 56, seed)
+            with torch.no_grad():
+                whole = profiled.subnets[int(choose(profiled.gate(noisy), groups)[0])].profile
+            for quality, pick in ((Quality.fast, profiled.fast_of), (Quality.best, profiled.best_of)):
+                chosen = profiled.select(noisy, quality)
+                assert (chosen.profile, chosen.index) == (whole, pick(whole))
+            seen.add(whole)
+        with torch.no_grad():
+            bias[0] -= shift
+    assert seen == {"white", "compressed"}  # both came up, so the comparison covers each
 
 
 def test_a_jpeg_header_sends_the_upload_to_the_compressed_profile(profiled):
