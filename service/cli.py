@@ -96,11 +96,12 @@ def run_denoise(args: argparse.Namespace) -> int:
 
     targets = _output_paths(args.inputs, args.output)
     settings = Settings(**({"cache_dir": args.cache_dir} if args.cache_dir else {}))
+    _use_threads(settings.torch_threads)
     denoiser = load_denoiser(args.checkpoint, tile=args.tile)
     # The service's runtimes (the same backend gives the same output as `ddsnet serve`), with its window bound,
     # so that the two share engine cache entries. Built on first use, each chosen for this job's size.
     job = JobSize(args.inputs)
-    runtimes = Runtimes(denoiser, args.backend or settings.backend, max_batch=settings.max_batch_tiles,
+    runtimes = Runtimes(denoiser, args.backend or settings.backend, settings.max_batch_tiles, settings.torch_threads,
                         cache_dir=settings.engine_cache_dir(), work=job)
     quality, noise = Quality(args.quality), Noise(args.noise)
     denoiser.check_noise(noise)  # a profile the checkpoint lacks: one error line, before any image
@@ -108,6 +109,15 @@ def run_denoise(args: argparse.Namespace) -> int:
         return _denoise_each(args, targets, denoiser, runtimes, job, quality, noise)
     finally:
         runtimes.save_measurements()
+
+
+def _use_threads(threads: int | None) -> None:
+    """torch's intra-op threads as ``DDSNET_TORCH_THREADS`` sets them, as ``ddsnet serve`` takes them (default:
+    torch's, the cores)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _denoise_each(args, targets, denoiser, runtimes, job: JobSize, quality, noise) -> int:
@@ -192,6 +202,7 @@ def run_cache(args: argparse.Namespace) -> int:
         return 0
     if args.action == "warm":
         # What `ddsnet serve` builds at start, with its settings: afterwards both it and the CLI start warm.
+        _use_threads(settings.torch_threads)
         denoiser = load_denoiser(args.checkpoint or settings.checkpoint, tile=settings.tile)
         started = time.perf_counter()
         runtimes = Runtimes(denoiser, args.backend or settings.backend, settings.max_batch_tiles,

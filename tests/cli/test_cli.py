@@ -256,3 +256,25 @@ def test_the_backend_defaults_to_the_services_setting(capsys, tiny_checkpoint, a
     code, _, stderr = run_cli(capsys, *arguments)
     assert code == 2 and "backend 'openvino' is not installed" in stderr
     assert run_cli(capsys, *arguments, "--backend", "torch")[0] == 0
+
+
+def test_denoise_takes_the_services_torch_threads_setting(capsys, tiny_checkpoint, astronaut_png, tmp_path,
+                                                          monkeypatch):
+    import torch
+
+    from service import backends
+
+    seen = []
+    real = backends.Runtimes.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        seen.append((self.threads, torch.get_num_threads()))
+
+    monkeypatch.setattr(backends.Runtimes, "__init__", spy)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: seen.append(("set", n)))
+    monkeypatch.setenv("DDSNET_TORCH_THREADS", "1")
+    arguments = ("denoise", str(astronaut_png), "-o", str(tmp_path / "out.png"), "--checkpoint", tiny_checkpoint,
+                 "--backend", "torch")
+    assert run_cli(capsys, *arguments)[0] == 0
+    assert seen[0] == ("set", 1) and seen[1][0] == 1  # torch told first, then the engines and their cache key
