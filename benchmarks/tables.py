@@ -1,4 +1,4 @@
-"""Print the README's result tables (markdown): the checkpoint's sub-network table and the benchmark JSONs.
+"""Print the result tables (markdown): the checkpoint's sub-network table and the benchmark JSONs.
 
     .venv/bin/python -m benchmarks.tables [--checkpoint PATH] [--results DIR]
 
