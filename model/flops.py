@@ -48,6 +48,8 @@ def gate_macs(config: GateConfig, height: int, width: int, widths: bool = True) 
     multiple = GateConfig.size_multiple
     height, width = height + (-height % multiple), width + (-width % multiple)
     if not widths:
+        if not config.profiles:
+            raise ValueError("this gate has no profile head")
         return STATS_MACS_PER_PIXEL * height * width + NUM_STATS * config.hidden + config.hidden * config.num_profiles
     f1, f2, f3 = config.features
     macs = 16 * config.in_channels * f1 * (height // 4) * (width // 4)

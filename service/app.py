@@ -34,8 +34,7 @@ async def init_app_state(state: State, settings: Settings, checkpoint: Checkpoin
     must be set."""
     metrics: Metrics = state.metrics
     device = resolve_device(settings.device)
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    backends.use_threads(settings.torch_threads)
     if checkpoint is None:
         checkpoint = await run_in_threadpool(load_checkpoint, settings.checkpoint, device)
     else:

@@ -60,6 +60,13 @@ class BackendUnavailable(ValueError):
     """The requested backend is not installed, or does not run on this device."""
 
 
+def use_threads(threads: int | None) -> None:
+    """torch's intra-op threads as ``DDSNET_TORCH_THREADS`` sets them, before any engine is built (unset: torch's
+    default, the cores). ``ddsnet serve``, ``ddsnet denoise`` and ``ddsnet cache warm`` all call it."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def installed(name: str) -> bool:
     """Whether backend ``name``'s runtime can be imported (ONNX Runtime also needs ``onnx`` to export)."""
     if name == "torch":

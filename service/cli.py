@@ -91,12 +91,12 @@ class JobSize:
 
 def run_denoise(args: argparse.Namespace) -> int:
     from model import Noise, Quality
-    from service.backends import Runtimes
+    from service.backends import Runtimes, use_threads
     from service.settings import Settings
 
     targets = _output_paths(args.inputs, args.output)
     settings = Settings(**({"cache_dir": args.cache_dir} if args.cache_dir else {}))
-    _use_threads(settings.torch_threads)
+    use_threads(settings.torch_threads)
     denoiser = load_denoiser(args.checkpoint, tile=args.tile)
     # The service's runtimes (the same backend gives the same output as `ddsnet serve`), with its window bound,
     # so that the two share engine cache entries. Built on first use, each chosen for this job's size.
@@ -109,15 +109,6 @@ def run_denoise(args: argparse.Namespace) -> int:
         return _denoise_each(args, targets, denoiser, runtimes, job, quality, noise)
     finally:
         runtimes.save_measurements()
-
-
-def _use_threads(threads: int | None) -> None:
-    """torch's intra-op threads as ``DDSNET_TORCH_THREADS`` sets them, as ``ddsnet serve`` takes them (default:
-    torch's, the cores)."""
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
 
 
 def _denoise_each(args, targets, denoiser, runtimes, job: JobSize, quality, noise) -> int:
@@ -192,7 +183,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_cache(args: argparse.Namespace) -> int:
     from service import engine_cache
-    from service.backends import Runtimes
+    from service.backends import Runtimes, use_threads
     from service.settings import Settings
 
     settings = Settings(**({"cache_dir": args.cache_dir} if args.cache_dir else {}))
@@ -202,7 +193,7 @@ def run_cache(args: argparse.Namespace) -> int:
         return 0
     if args.action == "warm":
         # What `ddsnet serve` builds at start, with its settings: afterwards both it and the CLI start warm.
-        _use_threads(settings.torch_threads)
+        use_threads(settings.torch_threads)
         denoiser = load_denoiser(args.checkpoint or settings.checkpoint, tile=settings.tile)
         started = time.perf_counter()
         runtimes = Runtimes(denoiser, args.backend or settings.backend, settings.max_batch_tiles,

@@ -66,4 +66,5 @@ def engine_cache_home(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     monkeypatch.delenv("DDSNET_CACHE", raising=False)
     monkeypatch.delenv("DDSNET_CACHE_DIR", raising=False)
+    monkeypatch.delenv("DDSNET_TORCH_THREADS", raising=False)  # an in-process CLI call would set torch's threads
     return tmp_path / "xdg-cache" / "ddsnet"

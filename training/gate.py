@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model.checkpoint import Checkpoint, Subnet, load_checkpoint, save_checkpoint
+from model.checkpoint import Subnet, load_checkpoint, save_checkpoint
 from model.flops import gate_macs
 from model.gate import Gate, GateConfig, choose
 from model.metrics import psnr
@@ -34,7 +34,7 @@ from training.compute import Compute
 from training.config import CONFIG_FILE, GateStage, save_config
 from training.data import pair_label, pair_scale, validation_pairs
 from training.loop import Batches, Loop, cosine_lr, run_loop
-from training.provenance import data_digests, provenance, stage_record
+from training.provenance import data_digests, provenance, stage_record, with_last_stage_of
 
 GATED_FILE = "ddsnet.safetensors"
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -86,23 +86,27 @@ class Choices:
         return self.nets[self.subnets[index].profile]
 
 
-def load_choices(config: GateStage) -> tuple[Choices, Checkpoint]:
+def load_choices(config: GateStage) -> tuple[Choices, dict | None, dict[str, str]]:
     """The tailored checkpoint's profiles and rows, then those of each of ``config.profiles`` (name -> a
     profile stage's checkpoint, its rows relabelled with the name). A name that is already a profile of the
     tailored checkpoint, the first included, replaces that profile's weights and rows in place, so any profile
-    of a gated checkpoint can be re-made. Returns them and the last checkpoint read, whose provenance the gated
-    checkpoint continues."""
+    of a gated checkpoint can be re-made.
+
+    Returns them, the provenance that the gated checkpoint continues (the tailored checkpoint's, with the stage
+    that made each given profile in place of its own record of that stage), and the ``tensors_sha256`` of
+    every checkpoint read, by profile name (``tailored`` for the tailored one)."""
     checkpoint = load_checkpoint(config.tailored)
     nets = dict(checkpoint.nets)
     rows = {name: [s for s in checkpoint.subnets if s.profile == name] for name in nets}
-    last = checkpoint
+    history, sources = checkpoint.provenance, {"tailored": checkpoint.tensors_sha256}
     for name, path in config.profiles.items():
-        last = load_checkpoint(path)
-        if last.net.config != checkpoint.net.config:
+        other = load_checkpoint(path)
+        if other.net.config != checkpoint.net.config:
             raise ValueError(f"profiles: {path} has another architecture than {config.tailored}")
-        nets[name] = last.net
-        rows[name] = [dataclasses.replace(s, profile=name) for s in last.subnets if s.profile == last.profiles[0]]
-    return Choices(nets, [s for name in nets for s in rows[name]]), last
+        nets[name] = other.net
+        rows[name] = [dataclasses.replace(s, profile=name) for s in other.subnets if s.profile == other.profiles[0]]
+        history, sources[name] = with_last_stage_of(history, other.provenance), other.tensors_sha256
+    return Choices(nets, [s for name in nets for s in rows[name]]), history, sources
 
 
 @torch.inference_mode()
@@ -336,7 +340,7 @@ def train_gate(config: GateStage) -> Path:
     config), ``log.jsonl`` and ``report.json`` (every gate of the sweep on validation, and the one shipped).
     """
     check_settings(config)
-    choices, source = load_choices(config)  # refused before anything is written
+    choices, history, sources = load_choices(config)  # refused before anything is written
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, out_dir / CONFIG_FILE)
@@ -367,9 +371,11 @@ def train_gate(config: GateStage) -> Path:
     log.write(report=shipped, seconds=round(time.time() - started, 1))
 
     record = stage_record(config, steps=config.steps, seconds=time.time() - started, data=data_sha256,
-                          source_sha256=source.tensors_sha256, delta_db=shipped["delta_db"],
+                          source_sha256=sources.pop("tailored"), delta_db=shipped["delta_db"],
                           val_accuracy=shipped["accuracy"], profiles=choices.profiles)
-    written = provenance(source.provenance, "gate", record, config.recipe)
+    if sources:
+        record["profile_sources_tensors_sha256"] = sources
+    written = provenance(history, "gate", record, config.recipe)
     path = out_dir / GATED_FILE
     save_checkpoint(path, choices.nets, gates[shipped["delta_db"]], choices.subnets, gate_trained=True,
                     provenance=written, dtype=dtype)

@@ -112,6 +112,20 @@ def provenance(previous: dict | None, stage: str, record: dict, recipe: str = ""
     return {"recipe": recipe or previous_recipe, "versions": versions(), "stages": stages}
 
 
+def with_last_stage_of(previous: dict | None, other: dict | None) -> dict | None:
+    """``previous`` with the record of ``other``'s last stage (the stage that made that checkpoint) in place of
+    its own record of that stage, its other stages kept: the provenance of a checkpoint that takes one
+    profile's weights from ``other`` and the rest from ``previous``."""
+    theirs = (other or {}).get("stages", {})
+    made = [name for name in STAGES if isinstance(theirs, dict) and name in theirs]
+    if not made:
+        return previous
+    kept = (previous or {}).get("stages", {})
+    stages = dict(kept) if isinstance(kept, dict) else {}
+    stages[made[-1]] = theirs[made[-1]]
+    return {**(previous or {}), "stages": {name: stages[name] for name in STAGES if name in stages}}
+
+
 def resave_with_provenance(source: str | Path, target: str | Path, new_provenance: dict) -> None:
     """Write ``source`` to ``target`` with its provenance replaced, tensors and digest unchanged byte for byte.
 

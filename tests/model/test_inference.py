@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from model import Denoiser, Noise, Quality, Selection, denoise_whole, gate_macs, load_checkpoint
-from model.gate import choose
+from model.flops import STATS_MACS_PER_PIXEL
+from model.gate import NUM_STATS, GateConfig, choose
 
 
 @pytest.fixture
@@ -118,6 +119,21 @@ def test_the_gate_picks_the_profile_and_auto_takes_its_best_scored_width_within_
     assert best.index == profiled.best_of(profile) and best.profile_reason == "gate"
     # ... from its profile head alone, which costs less than the whole gate
     assert best.gate_macs == gate_macs(profiled.gate.config, 48, 48, widths=False) < chosen.gate_macs
+
+
+def test_the_profile_head_runs_no_convolution_and_its_linear_layers_are_counted(profiled):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = profiled.gate.config
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        profiled.gate.profile_log_probs(noisy_image(48, 48))
+    counted = counter.get_flop_counts()["Global"]
+    assert torch.ops.aten.convolution not in counted  # the width layers are skipped
+    linear = counter.get_total_flops() // 2  # MACs of the two linear layers, the only matrix products
+    assert linear == NUM_STATS * config.hidden + config.hidden * config.num_profiles
+    assert gate_macs(config, 48, 48, widths=False) == linear + STATS_MACS_PER_PIXEL * 48 * 48
+    with pytest.raises(ValueError, match="no profile head"):
+        gate_macs(GateConfig(num_subnets=2), 48, 48, widths=False)
 
 
 def test_fast_and_best_decide_the_profile_from_the_profile_head_as_the_whole_gate_does(profiled):

@@ -147,12 +147,26 @@ def test_a_gated_checkpoints_profile_is_continued_and_replaced_in_a_new_gate(two
     assert [s.profile for s in regated.subnets] == ["white"] * 4 + ["compressed"] * 4
     assert torch.equal(regated.nets["white"].head.weight, gated.nets["white"].head.weight)
     assert torch.equal(regated.nets["compressed"].head.weight, continued.net.head.weight.half().float())
-    # The first profile is replaced in place too, and keeps its place in the table.
-    rewhite = load_checkpoint(_gate_two_profiles(run.gated, again, run.out / "gate3", run.data, name="white"))
+    stages = regated.provenance["stages"]
+    assert list(stages) == ["supernet", "tailor", "profile", "gate"]
+    assert stages["profile"] == continued.provenance["stages"]["profile"]  # how the new compressed weights came
+    assert stages["gate"]["source_tensors_sha256"] == gated.tensors_sha256
+    assert stages["gate"]["profile_sources_tensors_sha256"] == {"compressed": continued.tensors_sha256}
+    # The first profile is re-made the same way (a tailor stage) and replaced in place: it keeps its place in
+    # the table, and the provenance keeps the compressed profile's record beside the new white one's.
+    rewhite_profile = load_checkpoint(tailor(load_config(ProfileStage, None, [
+        f"supernet={run.gated}", "source_profile=white", "profile=white", f"out_dir={run.out / 'white2'}",
+        "finetune_steps=0", f"data={run.data}"])))
+    rewhite = load_checkpoint(_gate_two_profiles(run.gated, run.out / "white2" / "tailored.safetensors",
+                                                 run.out / "gate3", run.data, name="white"))
     assert rewhite.profiles == ["white", "compressed"]
     assert [s.profile for s in rewhite.subnets] == ["white"] * 4 + ["compressed"] * 4
-    assert torch.equal(rewhite.nets["white"].head.weight, continued.net.head.weight.half().float())
+    assert torch.equal(rewhite.nets["white"].head.weight, rewhite_profile.net.head.weight.half().float())
     assert torch.equal(rewhite.nets["compressed"].head.weight, gated.nets["compressed"].head.weight)
+    stages = rewhite.provenance["stages"]
+    assert list(stages) == ["supernet", "tailor", "profile", "gate"]
+    assert stages["tailor"] == rewhite_profile.provenance["stages"]["tailor"]
+    assert stages["profile"] == gated.provenance["stages"]["profile"]
 
 
 def _two_profile_choices() -> Choices:
