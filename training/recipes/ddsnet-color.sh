@@ -5,9 +5,9 @@
 #
 # Each step reads the previous step's output under RUN_DIR and writes its own folder there (config.yaml,
 # log.jsonl, the checkpoint). A step whose checkpoint exists is skipped, so an interrupted recipe is re-run
-# with the same command. The last step writes RUN_DIR/profile2-gate/ddsnet.safetensors, the gated checkpoint with
+# with the same command. The last step writes RUN_DIR/white2-gate/ddsnet.safetensors, the gated checkpoint with
 # both profiles.
-# On two CPU cores the whole chain takes about 36 hours (docs/MODEL_CARD.md, "Training").
+# On two CPU cores the whole chain takes about 38 hours (docs/MODEL_CARD.md, "Training").
 #
 # Each stage runs with its defaults (training/config.py; training/configs/ adds nothing to them) and the
 # overrides below. Where a step overrides `targets`, it repeats the FLOPs targets its search used.
@@ -158,4 +158,19 @@ done_or_run profile2-gate "$train" gate "${common[@]}" --set "data.val_dir=$text
   --set gate.noise_stats=true "${profile_mix[@]}" \
   --set 'data.val_degradations=[poisson40,ramp5-40,jpeg80-awgn15,jpeg30-awgn10,jpeg60-awgn10,jpeg95-awgn10,jpeg90x75-awgn10,poisson40-jpeg80,down0.7-awgn30]' \
   --set steps=100 --set replay=8 --set save_dtype=float16 --set seed=1 --set "out_dir=$run/profile2-gate"
-echo "recipe done: $run/profile2-gate/ddsnet.safetensors"
+
+# The white profile fine-tuned again, from the profile2 gate's white weights, on white and near-white noise only;
+# its table on the same crops, at sigma 15, 25 and 50 and under Poisson-Gaussian and ramped noise. Then one gate
+# over both profiles again, with the white profile replaced in place.
+done_or_run white2 "$train" profile "${common[@]}" --set "data.val_dir=$texture_val_dir" \
+  --set 'data.scale_range=[1.0,1.0]' --set data.texture_candidates=3 --set val_crop=256 \
+  --set "supernet=$run/profile2-gate/ddsnet.safetensors" --set source_profile=white --set profile=white \
+  --set 'data.degradations.mix={awgn: 0.7, poisson_gaussian: 0.15, variant: 0.15}' \
+  --set 'data.val_sigmas=[15,25,50]' --set 'data.val_degradations=[poisson40,ramp5-40]' \
+  --set 'data.val_scales=[1.0,0.5]' --set finetune_steps=600 --set seed=2 --set "out_dir=$run/white2"
+done_or_run white2-gate "$train" gate "${common[@]}" --set "data.val_dir=$texture_val_dir" --set val_crop=256 \
+  --set "tailored=$run/profile2-gate/ddsnet.safetensors" --set "profiles.white=$run/white2/tailored.safetensors" \
+  --set gate.noise_stats=true "${profile_mix[@]}" \
+  --set 'data.val_degradations=[poisson40,ramp5-40,jpeg80-awgn15,jpeg30-awgn10,jpeg60-awgn10,jpeg95-awgn10,jpeg90x75-awgn10,poisson40-jpeg80,down0.7-awgn30]' \
+  --set steps=100 --set replay=8 --set save_dtype=float16 --set seed=3 --set "out_dir=$run/white2-gate"
+echo "recipe done: $run/white2-gate/ddsnet.safetensors"
