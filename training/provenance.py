@@ -116,8 +116,8 @@ def with_last_stage_of(previous: dict | None, other: dict | None) -> dict | None
     """``previous`` with the record of ``other``'s last stage (the stage that made that checkpoint) in place of
     its own record of that stage, its other stages kept: the provenance of a checkpoint that takes one
     profile's weights from ``other`` and the rest from ``previous``."""
-    theirs = (other or {}).get("stages", {})
-    made = [name for name in STAGES if isinstance(theirs, dict) and name in theirs]
+    theirs = (other or {}).get("stages")
+    made = [name for name in STAGES if name in theirs] if isinstance(theirs, dict) else []
     if not made:
         return previous
     kept = (previous or {}).get("stages", {})

@@ -128,49 +128,47 @@ tailor texture-tailor texture-supernet/supernet.safetensors "${texture[@]}" --se
 done_or_run texture-gate "$train" gate "${common[@]}" --set "data.val_dir=$texture_val_dir" --set val_crop=256 \
   --set "tailored=$run/texture-tailor/tailored.safetensors" --set "out_dir=$run/texture-gate"
 
-# The compressed profile: the texture gate's weights fine-tuned on its own five sub-networks under the mix of
-# compressed and correlated noise (ProfileStage in training/config.py), on crops at the photos' own size, the
-# size they are served at; its table on 256-pixel centre crops of TEXTURE_VAL_DIR at full and half size. Then
-# one gate over both profiles' ten sub-networks, which reads the noise statistics, trained on a mix of every
-# kind of noise and stored in float16.
-done_or_run profile "$train" profile "${common[@]}" --set "data.val_dir=$texture_val_dir" \
-  --set 'data.scale_range=[1.0,1.0]' --set data.texture_candidates=3 --set val_crop=256 \
-  --set "supernet=$run/texture-gate/ddsnet.safetensors" --set "out_dir=$run/profile"
+# A profile step's crops and validation; a gate over both profiles' crops, noise and validation.
+profile_crops=(--set "data.val_dir=$texture_val_dir" --set 'data.scale_range=[1.0,1.0]' --set data.texture_candidates=3
+               --set val_crop=256)
 profile_mix=(--set data.degradations.mix.awgn=0.3 --set data.degradations.mix.poisson_gaussian=0.1
              --set data.degradations.mix.variant=0.1 --set data.degradations.mix.jpeg=0.3
              --set data.degradations.mix.poisson_jpeg=0.1 --set data.degradations.mix.downscale=0.1
              --set 'data.degradations.jpeg_sigma=[0.0,30.0]' --set 'data.degradations.jpeg_quality=[30,95]'
              --set data.degradations.jpeg_double=0.3)
-done_or_run profile-gate "$train" gate "${common[@]}" --set "data.val_dir=$texture_val_dir" --set val_crop=256 \
+both_profiles=(--set "data.val_dir=$texture_val_dir" --set val_crop=256 --set gate.noise_stats=true "${profile_mix[@]}"
+               --set 'data.val_degradations=[poisson40,ramp5-40,jpeg80-awgn15,jpeg30-awgn10,jpeg60-awgn10,jpeg95-awgn10,jpeg90x75-awgn10,poisson40-jpeg80,down0.7-awgn30]'
+               --set replay=8 --set save_dtype=float16)
+
+# The compressed profile: the texture gate's weights fine-tuned on its own five sub-networks under the mix of
+# compressed and correlated noise (ProfileStage in training/config.py), on crops at the photos' own size, the
+# size they are served at; its table on 256-pixel centre crops of TEXTURE_VAL_DIR at full and half size. Then
+# one gate over both profiles' ten sub-networks, which reads the noise statistics, trained on a mix of every
+# kind of noise and stored in float16.
+done_or_run profile "$train" profile "${common[@]}" "${profile_crops[@]}" \
+  --set "supernet=$run/texture-gate/ddsnet.safetensors" --set "out_dir=$run/profile"
+done_or_run profile-gate "$train" gate "${common[@]}" "${both_profiles[@]}" \
   --set "tailored=$run/texture-gate/ddsnet.safetensors" --set "profiles.compressed=$run/profile/tailored.safetensors" \
-  --set gate.noise_stats=true "${profile_mix[@]}" \
-  --set 'data.val_degradations=[poisson40,ramp5-40,jpeg80-awgn15,jpeg30-awgn10,jpeg60-awgn10,jpeg95-awgn10,jpeg90x75-awgn10,poisson40-jpeg80,down0.7-awgn30]' \
-  --set steps=200 --set replay=8 --set save_dtype=float16 --set "out_dir=$run/profile-gate"
+  --set steps=200 --set "out_dir=$run/profile-gate"
 
 # The compressed profile fine-tuned again, from the profile gate's compressed weights, and one gate over both
 # profiles again.
-done_or_run profile2 "$train" profile "${common[@]}" --set "data.val_dir=$texture_val_dir" \
-  --set 'data.scale_range=[1.0,1.0]' --set data.texture_candidates=3 --set val_crop=256 \
+done_or_run profile2 "$train" profile "${common[@]}" "${profile_crops[@]}" \
   --set "supernet=$run/profile-gate/ddsnet.safetensors" --set source_profile=compressed \
   --set finetune_steps=1200 --set seed=1 --set "out_dir=$run/profile2"
-done_or_run profile2-gate "$train" gate "${common[@]}" --set "data.val_dir=$texture_val_dir" --set val_crop=256 \
+done_or_run profile2-gate "$train" gate "${common[@]}" "${both_profiles[@]}" \
   --set "tailored=$run/profile-gate/ddsnet.safetensors" --set "profiles.compressed=$run/profile2/tailored.safetensors" \
-  --set gate.noise_stats=true "${profile_mix[@]}" \
-  --set 'data.val_degradations=[poisson40,ramp5-40,jpeg80-awgn15,jpeg30-awgn10,jpeg60-awgn10,jpeg95-awgn10,jpeg90x75-awgn10,poisson40-jpeg80,down0.7-awgn30]' \
-  --set steps=100 --set replay=8 --set save_dtype=float16 --set seed=1 --set "out_dir=$run/profile2-gate"
+  --set steps=100 --set seed=1 --set "out_dir=$run/profile2-gate"
 
 # The white profile fine-tuned again, from the profile2 gate's white weights, on white and near-white noise only;
 # its table on the same crops, at sigma 15, 25 and 50 and under Poisson-Gaussian and ramped noise. Then one gate
 # over both profiles again, with the white profile replaced in place.
-done_or_run white2 "$train" profile "${common[@]}" --set "data.val_dir=$texture_val_dir" \
-  --set 'data.scale_range=[1.0,1.0]' --set data.texture_candidates=3 --set val_crop=256 \
+done_or_run white2 "$train" profile "${common[@]}" "${profile_crops[@]}" \
   --set "supernet=$run/profile2-gate/ddsnet.safetensors" --set source_profile=white --set profile=white \
   --set 'data.degradations.mix={awgn: 0.7, poisson_gaussian: 0.15, variant: 0.15}' \
   --set 'data.val_sigmas=[15,25,50]' --set 'data.val_degradations=[poisson40,ramp5-40]' \
   --set 'data.val_scales=[1.0,0.5]' --set finetune_steps=600 --set seed=2 --set "out_dir=$run/white2"
-done_or_run white2-gate "$train" gate "${common[@]}" --set "data.val_dir=$texture_val_dir" --set val_crop=256 \
+done_or_run white2-gate "$train" gate "${common[@]}" "${both_profiles[@]}" \
   --set "tailored=$run/profile2-gate/ddsnet.safetensors" --set "profiles.white=$run/white2/tailored.safetensors" \
-  --set gate.noise_stats=true "${profile_mix[@]}" \
-  --set 'data.val_degradations=[poisson40,ramp5-40,jpeg80-awgn15,jpeg30-awgn10,jpeg60-awgn10,jpeg95-awgn10,jpeg90x75-awgn10,poisson40-jpeg80,down0.7-awgn30]' \
-  --set steps=100 --set replay=8 --set save_dtype=float16 --set seed=3 --set "out_dir=$run/white2-gate"
+  --set steps=100 --set seed=3 --set "out_dir=$run/white2-gate"
 echo "recipe done: $run/white2-gate/ddsnet.safetensors"
