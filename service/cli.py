@@ -16,6 +16,13 @@ BACKEND_HELP = ("engine per sub-network: auto takes the installed one expected t
                 "speeds measured on this machine (default: $DDSNET_BACKEND or auto)")
 CACHE_HELP = ("the engine cache's folder (default: $DDSNET_CACHE_DIR, else $XDG_CACHE_HOME/ddsnet); "
               "DDSNET_CACHE=off keeps no cache")
+# A `ddsnet denoise` job has the machine to itself, so it runs larger windows than the service, which shares the
+# machine between requests one tile at a time. The margin of a tile is fixed by the receptive radius (104 pixels),
+# so its share shrinks as the tile grows: an inner tile runs 1.45x its pixels at 1024 against 1.98x at 512, and
+# images up to 1232 pixels a side run whole. It costs memory: a 12-megapixel photo at the widest sub-network
+# peaks at 2.6 GB against 1.4 GB (docs/PERFORMANCE.md). Tiles overlap by the receptive radius, so every tile
+# size gives the whole-image result up to float rounding.
+CLI_TILE = 1024
 MISSING_HELP = (
     "make one with the three training stages (see README, 'Training'): "
     "ddsnet-train supernet && ddsnet-train tailor && ddsnet-train gate; or pass --checkpoint PATH"
@@ -192,16 +199,19 @@ def run_cache(args: argparse.Namespace) -> int:
         print(f"removed {engine_cache.clear(root)} entries from {root}")
         return 0
     if args.action == "warm":
-        # What `ddsnet serve` builds at start, with its settings: afterwards both it and the CLI start warm.
+        # What `ddsnet serve` builds at start, with its settings, and the same for the CLI's tile: the two
+        # window bounds are two entries. Afterwards the service and the CLI start warm.
         use_threads(settings.torch_threads)
-        denoiser = load_denoiser(args.checkpoint or settings.checkpoint, tile=settings.tile)
-        started = time.perf_counter()
-        runtimes = Runtimes(denoiser, args.backend or settings.backend, settings.max_batch_tiles,
-                            settings.torch_threads, cache_dir=root)
-        runtimes.build_all()
-        summary = runtimes.summary()
-        engines = ", ".join(f"{row['subnet']}: {row['backend']} ({row['source']})" for row in summary["subnets"])
-        print(f"{runtimes.cache.folder}: {engines}; {time.perf_counter() - started:.1f} s")
+        tiles = {"serve": [settings.tile], "denoise": [CLI_TILE], "both": sorted({settings.tile, CLI_TILE})}
+        for tile in tiles[args.warm_for]:
+            denoiser = load_denoiser(args.checkpoint or settings.checkpoint, tile=tile)
+            started = time.perf_counter()
+            runtimes = Runtimes(denoiser, args.backend or settings.backend, settings.max_batch_tiles,
+                                settings.torch_threads, cache_dir=root)
+            runtimes.build_all()
+            summary = runtimes.summary()
+            engines = ", ".join(f"{row['subnet']}: {row['backend']} ({row['source']})" for row in summary["subnets"])
+            print(f"{runtimes.cache.folder} (tile {tile}): {engines}; {time.perf_counter() - started:.1f} s")
         return 0
     found = engine_cache.entries(root)
     if args.json:
@@ -211,7 +221,8 @@ def run_cache(args: argparse.Namespace) -> int:
     for entry in found:
         key = entry["key"] or {}
         print(f"  {Path(entry['folder']).name}: {', '.join(entry['engines']) or 'measurements only'}; "
-              f"checkpoint {str(key.get('checkpoint', '?'))[:12]}, {key.get('threads', '?')} threads, "
+              f"checkpoint {str(key.get('checkpoint', '?'))[:12]}, tile {key.get('tile', '?')}, "
+              f"{key.get('threads', '?')} threads, "
               f"{key.get('cpu', '?')}; {entry['bytes'] / 1e6:.1f} MB")
     return 0
 
@@ -233,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "(sensor or added noise) or compressed (JPEG-compressed or correlated noise)")
     denoise.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     denoise.add_argument("--json", action="store_true", help="print one JSON object per image")
-    denoise.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile core side in pixels (multiple of 8)")
+    denoise.add_argument("--tile", type=int, default=CLI_TILE,
+                         help=f"tile core side in pixels, a multiple of 8 (default: {CLI_TILE}; the service's "
+                              f"DDSNET_TILE is {DEFAULT_TILE}, which takes less memory)")
     denoise.add_argument("--backend", choices=BACKEND_CHOICES, default=None, help=BACKEND_HELP)
     denoise.add_argument("--cache-dir", default=None, help=CACHE_HELP)
     denoise.set_defaults(handler=run_denoise)
@@ -254,11 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache = commands.add_parser("cache", help="the engine cache: show it, fill it, or empty it")
     cache.add_argument("action", choices=["info", "warm", "clear"],
-                       help="info: its entries; warm: build and time every engine as `ddsnet serve` would; "
+                       help="info: its entries; warm: build and time every engine as `ddsnet serve` would, for "
+                            "the service and the CLI; "
                             "clear: remove every entry")
     cache.add_argument("--cache-dir", default=None, help=CACHE_HELP)
     cache.add_argument("--checkpoint", default=None, help=f"warm: default $DDSNET_CHECKPOINT or {DEFAULT_CHECKPOINT}")
     cache.add_argument("--backend", choices=BACKEND_CHOICES, default=None, help="warm: " + BACKEND_HELP)
+    cache.add_argument("--for", dest="warm_for", choices=["serve", "denoise", "both"], default="both",
+                       help="warm: the engines of `ddsnet serve` (its DDSNET_TILE), of `ddsnet denoise` (its default "
+                            "tile), or both (default)")
     cache.add_argument("--json", action="store_true", help="info: as JSON")
     cache.set_defaults(handler=run_cache)
     return parser

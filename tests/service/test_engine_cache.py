@@ -179,6 +179,38 @@ def test_the_cli_fills_and_shows_and_clears_the_cache(tiny_checkpoint, tmp_path,
     assert "removed 1 entries" in capsys.readouterr().out and not any(engine_cache_home.iterdir())
 
 
+@needs_openvino
+@pytest.mark.parametrize("warm_for", ["both", "serve", "denoise"])
+def test_cache_warm_fills_the_entries_the_service_and_the_cli_then_load(tiny_checkpoint, tmp_path, capsys,
+                                                                        engine_cache_home, monkeypatch, warm_for):
+    """The service tiles at DDSNET_TILE and the CLI at its own default, so each has its own entry; after
+    `cache warm` the one it warmed loads every engine it needs and builds none."""
+    from service.cli import CLI_TILE, main
+
+    monkeypatch.setenv("DDSNET_TILE", "64")
+    assert main(["cache", "warm", "--for", warm_for, "--checkpoint", tiny_checkpoint, "--backend", "openvino"]) == 0
+    capsys.readouterr()
+    assert main(["cache", "info", "--json"]) == 0
+    tiles = sorted(entry["key"]["tile"] for entry in json.loads(capsys.readouterr().out)["entries"])
+    assert tiles == {"both": [64, CLI_TILE], "serve": [64], "denoise": [CLI_TILE]}[warm_for]
+
+    sources = []
+    make = Runtimes._make
+
+    def spy(self, index, name):
+        runtime = make(self, index, name)
+        sources.append((self.denoiser.tile, runtime.source))
+        return runtime
+
+    monkeypatch.setattr(Runtimes, "_make", spy)
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(photo)
+    assert main(["denoise", str(photo), "--checkpoint", tiny_checkpoint, "--backend", "openvino",
+                 "-o", str(tmp_path / "out.png")]) == 0
+    assert sources and {tile for tile, _ in sources} == {CLI_TILE}
+    assert {source for _, source in sources} == ({"built"} if warm_for == "serve" else {"cache"})
+
+
 def test_with_the_cache_off_nothing_is_written(tiny_checkpoint, tmp_path, monkeypatch, engine_cache_home):
     from service.cli import main
 
