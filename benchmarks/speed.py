@@ -199,22 +199,23 @@ def _noisy_folder(folder: Path, photos: str, sigma: float) -> tuple[list[Path], 
     return paths, tensors, sum(t.shape[-1] * t.shape[-2] for t in tensors)
 
 
-def _wall(command: list[str], env: dict) -> float:
-    started = time.perf_counter()
-    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return time.perf_counter() - started
-
-
 def _wall_and_peak(command: list[str], env: dict) -> tuple[float, float]:
-    """Wall seconds and peak resident memory (MiB) of one child process."""
-    started = time.perf_counter()
-    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - started
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode:
-        raise subprocess.CalledProcessError(child.returncode, command)
+    """Wall seconds and peak resident memory (MiB) of one child process; its stderr is in the error it fails with."""
+    with tempfile.TemporaryFile() as stderr:
+        started = time.perf_counter()
+        child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - started
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode:
+            stderr.seek(0)
+            message = stderr.read().decode(errors="replace")
+            raise subprocess.CalledProcessError(child.returncode, command, stderr=message)
     return seconds, usage.ru_maxrss / 1024
+
+
+def _wall(command: list[str], env: dict) -> float:
+    return _wall_and_peak(command, env)[0]
 
 
 def _phone_photo(path: Path, source: Path, size: tuple[int, int] = (4000, 3000), sigma: float = 25.0) -> int:
