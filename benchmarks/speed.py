@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.speed [--checkpoint PATH] [--passes 3] [--backend auto] [--no-compile]
     .venv/bin/python -m benchmarks.speed --cold [--checkpoint PATH] [--passes 3]
+    ... [--allocator keep|system]
 
 1. **Backends.** Each sub-network on one 512x512 image: the sliced supernet in NCHW (torch without an engine),
    then every engine installed for the device (``service.backends``: torch channels-last, ONNX Runtime,
@@ -21,6 +22,10 @@ warm (after one ``ddsnet cache warm``), against FFDNet in this process (true sig
 process, auto on a warm cache against torch; one 12-megapixel photo (4000x3000), fast and best on a warm cache, at
 the CLI's default tile and at the service's, its wall time and peak memory; and the seconds from starting
 ``ddsnet serve`` to ``/readyz`` answering 200, cold and warm. Writes ``benchmarks/results/speed_cold.json``.
+
+Everything runs under one allocator setting (``model.allocator``): this process, FFDNet in it, and every
+``ddsnet`` process it starts (``DDSNET_ALLOCATOR``). The default, ``keep``, is what ``ddsnet`` runs under; it
+speeds up eager torch, FFDNet included, by sparing page faults. ``--allocator system`` measures glibc's defaults.
 
 Needs the ``bench`` extra for FFDNet. Writes ``benchmarks/results/speed.json`` and prints the targets of
 :mod:`benchmarks.targets` (``SPEED_*``) as met or missed.
@@ -53,6 +58,7 @@ from benchmarks.common import (
 )
 from benchmarks.quality import ffdnet_model
 from model import DEFAULT_CHECKPOINT, Denoiser, Quality, load_checkpoint
+from model.allocator import ALLOCATOR_MODES, tune_allocator
 from model.tiling import DEFAULT_TILE
 from service import backends
 from service.cli import CLI_TILE
@@ -245,9 +251,9 @@ def _ready_seconds(checkpoint: str, cache: Path, env: dict) -> float:
 
 
 @torch.inference_mode()
-def cold_report(checkpoint: str, passes: int, photos: str) -> dict:
+def cold_report(checkpoint: str, passes: int, photos: str, allocator: str) -> dict:
     """The ``--cold`` measurements (see the module's docstring); each the median of ``passes``."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "DDSNET_ALLOCATOR": allocator}
     denoise = [*ddsnet(), "denoise"]
     ffdnet = ffdnet_model()
     with tempfile.TemporaryDirectory() as scratch:
@@ -358,11 +364,15 @@ def main() -> int:
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--cold", action="store_true", help="measure fresh processes from outside instead")
     parser.add_argument("--photos", default=VAL_TEXTURE, help="--cold: the folder of photos")
+    parser.add_argument("--allocator", default="keep", choices=ALLOCATOR_MODES,
+                        help="the allocator setting of this process and of the ddsnet processes it starts")
     args = parser.parse_args()
+    tune_allocator(args.allocator)
     torch.manual_seed(0)
     if args.cold:
         report = {"command": command_line(), "checkpoint": args.checkpoint, "machine": machine(),
-                  "passes": args.passes, **cold_report(args.checkpoint, args.passes, args.photos)}
+                  "passes": args.passes, "allocator": args.allocator,
+                  **cold_report(args.checkpoint, args.passes, args.photos, args.allocator)}
         report["targets"] = check_cold(report)
         out = args.out if args.out != DEFAULT_OUT else "benchmarks/results/speed_cold.json"
         write_report(out, report)
@@ -373,7 +383,7 @@ def main() -> int:
         return 0
     denoiser = Denoiser(load_checkpoint(args.checkpoint))
     report = {"command": command_line(), "checkpoint": args.checkpoint, "machine": machine(), "passes": args.passes,
-              "backends": backend_table(denoiser, args.passes, not args.no_compile),
+              "allocator": args.allocator, "backends": backend_table(denoiser, args.passes, not args.no_compile),
               "batch_seconds_per_window": batch_table(denoiser, args.passes,
                                                          index=min(2, len(denoiser.subnets) - 1))}
     print(f"batches, seconds per window: {report['batch_seconds_per_window']}", flush=True)

@@ -16,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import State
 
 from model import Checkpoint, Denoiser, load_checkpoint, package_version, resolve_device
+from model.allocator import tune_allocator
 from service import backends
 from service.backends import Runtimes
 from service.controller import LoadController
@@ -115,6 +116,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, checkpoint: str | None = No
 
     overrides = {"checkpoint": checkpoint, "backend": backend, "cache_dir": cache_dir}
     settings = Settings(**{key: value for key, value in overrides.items() if value})
+    tune_allocator(settings.allocator)  # before the server's threads start
     # Refused before the model loads: a runtime the machine cannot build is one error line, not a traceback.
     backends.check_available(settings.backend, resolve_device(settings.device))
     # Loaded here, so that a missing or bad checkpoint is one error line (CheckpointError), not a traceback

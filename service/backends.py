@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from model.allocator import allocator_keeps
 from model.inference import Denoiser
 from service.engine_cache import EngineCache, Measurement, cpu_model, engine_version
 
@@ -345,26 +346,32 @@ def time_runtime(runtime: Runtime, side: int = PROBE_SIDE, repeats: int = 3, bat
 
 # What ``auto`` assumes of an engine it has not measured on this machine: seconds to import its runtime and
 # build one sub-network in a fresh process (on 2 CPU cores, the slimmest: ONNX Runtime 0.74-0.80 s with its
-# export, OpenVINO 1.3-1.5 s), and its speed against eager torch's (OpenVINO runs the sub-networks 1.3-1.5x and
-# ONNX Runtime 1.05-1.4x faster, benchmarks/results/speed.json). Torch's own speed, unmeasured, is assumed from
-# the FLOPs.
+# export, OpenVINO 1.3-1.5 s), and its speed against eager torch's. Torch's own speed, unmeasured, is assumed
+# from the FLOPs. Both depend on the allocator (model.allocator; benchmarks/results/allocator.json). Where it
+# keeps freed memory, eager torch runs the sub-networks within 2-18% of OpenVINO and mostly ahead of ONNX
+# Runtime, on 720- and 1232-pixel windows alike (about 290-460 GFLOP/s on 2 cores). Under glibc's defaults
+# eager torch faults in every layer's output afresh and slows with the window: OpenVINO then runs 1.5-2.3x
+# and ONNX Runtime 1.4-1.7x faster on the service's windows, and 2.2-2.8x on the CLI's.
 PRIOR_BUILD_S = {"torch": 0.05, "onnxruntime": 0.8, "openvino": 1.5}
-PRIOR_SPEEDUP = {"torch": 1.0, "onnxruntime": 1.2, "openvino": 1.4}
+PRIOR_SPEEDUP = {"torch": 1.0, "onnxruntime": 1.5, "openvino": 1.8}
 PRIOR_TORCH_FLOPS_PER_S = 200e9
+PRIOR_SPEEDUP_KEPT = {"torch": 1.0, "onnxruntime": 0.9, "openvino": 1.05}
+PRIOR_TORCH_FLOPS_PER_S_KEPT = 300e9
 PRIOR_LOAD_S = 0.5  # loading a stored engine, before it has been timed
 
 
 def cache_for(denoiser: Denoiser, bound: ShapeBound, threads: int | None, root: str | Path | None
               ) -> EngineCache | None:
-    """The engine cache entry for this checkpoint, CPU, thread count and window bound under ``root``; ``None``
-    with no root, or for a checkpoint never saved (no digest says which weights it holds)."""
+    """The engine cache entry for this checkpoint, CPU, thread count, window bound and allocator setting (which
+    changes the measured speeds) under ``root``; ``None`` with no root, or for a checkpoint never saved (no
+    digest says which weights it holds)."""
     if root is None or not denoiser.tensors_sha256:
         return None
     return EngineCache(root, {
         "checkpoint": denoiser.tensors_sha256, "device": str(denoiser.device), "cpu": cpu_model(),
         "threads": threads or torch.get_num_threads(), "torch": engine_version("torch"),
         "bound": [bound.max_batch, bound.multiple, bound.max_side], "tile": denoiser.tile,
-        "margin": denoiser.margin})
+        "margin": denoiser.margin, "allocator": "keep" if allocator_keeps() else "system"})
 
 
 class Runtimes(Mapping[int, Runtime]):
@@ -473,12 +480,14 @@ class Runtimes(Mapping[int, Runtime]):
         """The candidate with the least expected seconds for ``work(index)`` window pixels."""
         pixels = self.work(index)
         mflops = self.denoiser.subnets[index].mflops_per_pixel
+        kept = allocator_keeps()
+        speedup = PRIOR_SPEEDUP_KEPT if kept else PRIOR_SPEEDUP
         torch_speed = measured["torch"].seconds_per_pixel if "torch" in measured else \
-            mflops * 1e6 / PRIOR_TORCH_FLOPS_PER_S
+            mflops * 1e6 / (PRIOR_TORCH_FLOPS_PER_S_KEPT if kept else PRIOR_TORCH_FLOPS_PER_S)
 
         def expected(name: str) -> float:
             known = measured.get(name)
-            speed = known.seconds_per_pixel if known else torch_speed / PRIOR_SPEEDUP[name]
+            speed = known.seconds_per_pixel if known else torch_speed / speedup[name]
             if name in ARTEFACTS and Stored(self.cache, name, index).has(ARTEFACTS[name]):
                 start = known.load_s if known and known.load_s is not None else PRIOR_LOAD_S
             else:

@@ -98,11 +98,13 @@ class JobSize:
 
 def run_denoise(args: argparse.Namespace) -> int:
     from model import Noise, Quality
+    from model.allocator import tune_allocator
     from service.backends import Runtimes, use_threads
     from service.settings import Settings
 
     targets = _output_paths(args.inputs, args.output)
     settings = Settings(**({"cache_dir": args.cache_dir} if args.cache_dir else {}))
+    tune_allocator(settings.allocator)
     use_threads(settings.torch_threads)
     denoiser = load_denoiser(args.checkpoint, tile=args.tile)
     # The service's runtimes (the same backend gives the same output as `ddsnet serve`), with its window bound,
@@ -189,6 +191,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_cache(args: argparse.Namespace) -> int:
+    from model.allocator import tune_allocator
     from service import engine_cache
     from service.backends import Runtimes, use_threads
     from service.settings import Settings
@@ -201,6 +204,7 @@ def run_cache(args: argparse.Namespace) -> int:
     if args.action == "warm":
         # What `ddsnet serve` builds at start, with its settings, and the same for the CLI's tile: the two
         # window bounds are two entries. Afterwards the service and the CLI start warm.
+        tune_allocator(settings.allocator)
         use_threads(settings.torch_threads)
         tiles = {"serve": [settings.tile], "denoise": [CLI_TILE], "both": sorted({settings.tile, CLI_TILE})}
         for tile in tiles[args.warm_for]:
@@ -222,7 +226,7 @@ def run_cache(args: argparse.Namespace) -> int:
         key = entry["key"] or {}
         print(f"  {Path(entry['folder']).name}: {', '.join(entry['engines']) or 'measurements only'}; "
               f"checkpoint {str(key.get('checkpoint', '?'))[:12]}, tile {key.get('tile', '?')}, "
-              f"{key.get('threads', '?')} threads, "
+              f"{key.get('threads', '?')} threads, allocator {key.get('allocator', '?')}, "
               f"{key.get('cpu', '?')}; {entry['bytes'] / 1e6:.1f} MB")
     return 0
 

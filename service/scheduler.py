@@ -33,8 +33,6 @@ request that would wait past the controller's bound even at the slimmest width i
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import hashlib
 import itertools
 import math
@@ -48,20 +46,11 @@ from typing import Generic, Protocol, TypeVar
 
 import torch
 
+from model.allocator import release_free_memory
 from model.inference import Denoiser, Noise, Quality, WindowRuntime
 from model.tiling import TiledImage, plan_tiles
 from service.controller import REASON_REQUESTED, Decision, LoadController
 from service.metrics import CLIENT_BUCKETS, Metrics
-
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
-
-
-def release_free_memory() -> None:
-    """Return the C heap's free pages to the OS (glibc's ``malloc_trim``), so that a burst of large images
-    does not leave the process at its peak size; a no-op without glibc."""
-    trim = getattr(_LIBC, "malloc_trim", None)
-    if trim is not None:
-        trim(0)
 
 
 class Refused(Exception):

@@ -7,9 +7,11 @@ processes (:mod:`training.distributed`); every other command runs in one process
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 
+from model.allocator import tune_allocator
 from model.checkpoint import DEFAULT_CHECKPOINT
 from model.inference import resolve_device
 from training.config import CONFIG_DIR
@@ -143,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
               f"only {', '.join(DATA_PARALLEL)} train data-parallel, so run it without torchrun", file=sys.stderr)
         return 2
     try:
+        # Training's feature maps are freed and made again at every step: keep them in the heap (model.allocator).
+        tune_allocator(os.environ.get("DDSNET_ALLOCATOR", "keep"))
         return args.handler(args)
     except (CheckpointError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

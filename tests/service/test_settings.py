@@ -45,3 +45,11 @@ def test_the_sharing_and_cost_limit_settings_come_from_the_environment(monkeypat
     assert settings.max_request_seconds == 30 and settings.max_expansion_ratio == 5000
     with pytest.raises(ValidationError):
         Settings(max_expansion_ratio=-1)
+
+
+def test_the_allocator_setting_keeps_freed_memory_unless_told_otherwise(monkeypatch):
+    assert Settings().allocator == "keep"
+    monkeypatch.setenv("DDSNET_ALLOCATOR", "system")
+    assert Settings().allocator == "system"
+    with pytest.raises(ValidationError):
+        Settings(allocator="jemalloc")
