@@ -15,7 +15,6 @@ Only glibc has these settings; elsewhere :func:`tune_allocator` does nothing and
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import platform
 
@@ -31,7 +30,8 @@ ALLOCATOR_MODES = ("keep", "system")
 
 _SETTINGS = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1), (M_ARENA_MAX, 1))
 _keeps = False
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+# The process's own symbols, the C library's among them: no search for the library, no subprocess.
+_LIBC = ctypes.CDLL(None)
 
 
 def allocator_keeps() -> bool:
@@ -53,12 +53,12 @@ def tune_allocator(mode: str = "keep") -> bool:
     Raises:
         ValueError: ``mode`` is not one of :data:`ALLOCATOR_MODES`.
     """
+    global _keeps
     if mode not in ALLOCATOR_MODES:
         raise ValueError(f"DDSNET_ALLOCATOR must be one of {', '.join(ALLOCATOR_MODES)}, not {mode!r}")
-    global _keeps
     if mode == "system":
         return _keeps
-    if _LIBC is None or platform.libc_ver()[0] != "glibc":
+    if platform.libc_ver()[0] != "glibc":
         log.warning("allocator: the C library is not glibc; its defaults stay")
         return False
     _keeps = all([_LIBC.mallopt(parameter, value) == 1 for parameter, value in _SETTINGS])  # every one tried

@@ -348,7 +348,7 @@ def time_runtime(runtime: Runtime, side: int = PROBE_SIDE, repeats: int = 3, bat
 # build one sub-network in a fresh process (on 2 CPU cores, the slimmest: ONNX Runtime 0.74-0.80 s with its
 # export, OpenVINO 1.3-1.5 s), and its speed against eager torch's. Torch's own speed, unmeasured, is assumed
 # from the FLOPs. Both depend on the allocator (model.allocator; benchmarks/results/allocator.json). Where it
-# keeps freed memory, eager torch runs the sub-networks within 2-18% of OpenVINO and mostly ahead of ONNX
+# keeps freed memory, eager torch runs the sub-networks within 1-18% of OpenVINO and mostly ahead of ONNX
 # Runtime, on 720- and 1232-pixel windows alike (about 290-460 GFLOP/s on 2 cores). Under glibc's defaults
 # eager torch faults in every layer's output afresh and slows with the window: OpenVINO then runs 1.5-2.3x
 # and ONNX Runtime 1.4-1.7x faster on the service's windows, and 2.2-2.8x on the CLI's.

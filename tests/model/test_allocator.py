@@ -35,8 +35,6 @@ print(faults())
 """
 
 PAGES_OF_64_MB = 64 * 1024 * 1024 // 4096
-
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
