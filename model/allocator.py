@@ -15,6 +15,7 @@ Only glibc has these settings; elsewhere :func:`tune_allocator` does nothing and
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import logging
 import platform
 
@@ -30,8 +31,8 @@ ALLOCATOR_MODES = ("keep", "system")
 
 _SETTINGS = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1), (M_ARENA_MAX, 1))
 _keeps = False
-# The process's own symbols, the C library's among them: no search for the library, no subprocess.
-_LIBC = ctypes.CDLL(None)
+_LIBC_PATH = ctypes.util.find_library("c")
+_LIBC = ctypes.CDLL(_LIBC_PATH) if _LIBC_PATH else None
 
 
 def allocator_keeps() -> bool:
@@ -58,7 +59,7 @@ def tune_allocator(mode: str = "keep") -> bool:
         raise ValueError(f"DDSNET_ALLOCATOR must be one of {', '.join(ALLOCATOR_MODES)}, not {mode!r}")
     if mode == "system":
         return _keeps
-    if platform.libc_ver()[0] != "glibc":
+    if _LIBC is None or platform.libc_ver()[0] != "glibc":
         log.warning("allocator: the C library is not glibc; its defaults stay")
         return False
     _keeps = all([_LIBC.mallopt(parameter, value) == 1 for parameter, value in _SETTINGS])  # every one tried
