@@ -362,16 +362,16 @@ PRIOR_LOAD_S = 0.5  # loading a stored engine, before it has been timed
 
 def cache_for(denoiser: Denoiser, bound: ShapeBound, threads: int | None, root: str | Path | None
               ) -> EngineCache | None:
-    """The engine cache entry for this checkpoint, CPU, thread count, window bound and allocator setting (which
-    changes the measured speeds) under ``root``; ``None`` with no root, or for a checkpoint never saved (no
-    digest says which weights it holds)."""
+    """The engine cache entry for this checkpoint, CPU, thread count and window bound under ``root``, with its
+    measurements for the allocator setting, which changes the speeds but not the engines; ``None`` with no root,
+    or for a checkpoint never saved (no digest says which weights it holds)."""
     if root is None or not denoiser.tensors_sha256:
         return None
     return EngineCache(root, {
         "checkpoint": denoiser.tensors_sha256, "device": str(denoiser.device), "cpu": cpu_model(),
         "threads": threads or torch.get_num_threads(), "torch": engine_version("torch"),
         "bound": [bound.max_batch, bound.multiple, bound.max_side], "tile": denoiser.tile,
-        "margin": denoiser.margin, "allocator": "keep" if allocator_keeps() else "system"})
+        "margin": denoiser.margin}, measured_under={"allocator": "keep" if allocator_keeps() else "system"})
 
 
 class Runtimes(Mapping[int, Runtime]):
@@ -491,7 +491,7 @@ class Runtimes(Mapping[int, Runtime]):
             if name in ARTEFACTS and Stored(self.cache, name, index).has(ARTEFACTS[name]):
                 start = known.load_s if known and known.load_s is not None else PRIOR_LOAD_S
             else:
-                start = known.build_s if known else PRIOR_BUILD_S[name]
+                start = known.build_s if known and known.build_s is not None else PRIOR_BUILD_S[name]
             return start + pixels * speed
 
         seconds = {name: expected(name) for name in self.names}

@@ -224,9 +224,14 @@ def run_cache(args: argparse.Namespace) -> int:
     print(f"engine cache: {root} ({len(found)} entries, {sum(e['bytes'] for e in found) / 1e6:.1f} MB)")
     for entry in found:
         key = entry["key"] or {}
+        if entry["stale"]:
+            print(f"  {Path(entry['folder']).name}: unused (an older layout; `ddsnet cache clear` removes it); "
+                  f"{entry['bytes'] / 1e6:.1f} MB")
+            continue
         print(f"  {Path(entry['folder']).name}: {', '.join(entry['engines']) or 'measurements only'}; "
               f"checkpoint {str(key.get('checkpoint', '?'))[:12]}, tile {key.get('tile', '?')}, "
-              f"{key.get('threads', '?')} threads, allocator {key.get('allocator', '?')}, "
+              f"{key.get('threads', '?')} threads, "
+              f"measured under {', '.join(entry['measured_under']) or 'nothing yet'}, "
               f"{key.get('cpu', '?')}; {entry['bytes'] / 1e6:.1f} MB")
     return 0
 

@@ -9,13 +9,16 @@ checkpoint:
 * measurements: per sub-network and engine, the seconds it took to build and to load, and the seconds per
   window pixel it runs at. ``auto`` chooses from these without timing anything again.
 
-Layout: ``<root>/<key digest>/`` holds ``key.json`` (what the digest covers), ``measurements.json`` and one
-folder per engine and version (``openvino-2025.1.0/``, ...). The key covers the checkpoint's tensor digest,
-the CPU model, the thread count and the window bound (batch, size multiple, largest side); a folder's name
-covers the engine's version. When any of them changes, the digest or the folder changes, and the engine is
-built again: the cache never serves an engine built for something else.
+Layout: ``<root>/<key digest>/`` holds ``key.json`` (what the digest covers), one folder per engine and
+version (``openvino-2025.1.0/``, ...) and the measurements, one file per run-time condition that changes the
+speeds but not the engines (``measurements-allocator-keep.json``: the allocator setting, see
+``model.allocator``). The key covers the checkpoint's tensor digest, the CPU model, the thread count and the
+window bound (batch, size multiple, largest side); a folder's name covers the engine's version. When any of
+them changes, the digest or the folder changes, and the engine is built again: the cache never serves an
+engine built for something else. A process under another condition loads the same engines and measures their
+speeds afresh.
 
-Every write goes to a temporary name first and is then renamed into place, and ``measurements.json`` is
+Every write goes to a temporary name first and is then renamed into place, and the measurements are
 updated under a file lock, so processes that start together on an empty cache are safe. An entry that
 cannot be read is rebuilt, with a warning.
 """
@@ -39,9 +42,9 @@ from pathlib import Path
 
 log = logging.getLogger("ddsnet.cache")
 
-FORMAT = 1  # of the layout; a new layout gets a new digest
+FORMAT = 2  # of the layout; a new layout gets a new digest
 KEY_FILE = "key.json"
-MEASUREMENTS_FILE = "measurements.json"
+MEASUREMENTS_PREFIX = "measurements"
 LOCK_FILE = ".lock"
 DISTRIBUTIONS = {"torch": "torch", "onnxruntime": "onnxruntime", "openvino": "openvino"}
 
@@ -73,10 +76,11 @@ def engine_version(backend: str) -> str:
 
 @dataclass(frozen=True)
 class Measurement:
-    """One engine on one sub-network: seconds to build it from the checkpoint, seconds to load it from the
-    cache (``None`` until it has been), and seconds per window pixel at run time."""
+    """One engine on one sub-network: seconds to build it from the checkpoint (``None`` where the processes under
+    this entry's conditions only loaded it, see :class:`EngineCache`), seconds to load it from the cache
+    (``None`` until it has been), and seconds per window pixel at run time."""
 
-    build_s: float
+    build_s: float | None
     seconds_per_pixel: float
     load_s: float | None = None
 
@@ -90,13 +94,20 @@ class EngineCache:
     Args:
         root: the cache's folder (created on first write).
         key: what the engines depend on besides the engine's version; any JSON-able mapping.
+        measured_under: what the measured speeds depend on besides the key, as name -> value (the allocator
+            setting): it names the measurements' file, and the engines are shared.
     """
 
-    def __init__(self, root: str | Path, key: dict) -> None:
+    def __init__(self, root: str | Path, key: dict, measured_under: dict[str, str] | None = None) -> None:
         self.root = Path(root)
         self.key = {"format": FORMAT, **key}
         digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
         self.folder = self.root / digest
+        self.measured_under = dict(measured_under or {})
+        if any(not str(part).isalnum() for item in self.measured_under.items() for part in item):
+            raise ValueError(f"measured_under names and values must be letters and digits: {self.measured_under}")
+        conditions = (f"{name}-{value}" for name, value in sorted(self.measured_under.items()))
+        self.measurements_file = "-".join([MEASUREMENTS_PREFIX, *conditions]) + ".json"
         self.rebuilt = 0  # entries that could not be read and were built again, in this process
 
     def engine_folder(self, backend: str) -> Path:
@@ -142,13 +153,13 @@ class EngineCache:
                 if backend in DISTRIBUTIONS and record.get("version") == engine_version(backend):
                     with contextlib.suppress(KeyError, TypeError, ValueError):
                         found.setdefault(int(subnet), {})[backend] = Measurement(
-                            float(record["build_s"]), float(record["seconds_per_pixel"]),
-                            None if record.get("load_s") is None else float(record["load_s"]))
+                            _seconds(record.get("build_s")), float(record["seconds_per_pixel"]),
+                            _seconds(record.get("load_s")))
         return found
 
     def record(self, subnet: int, backend: str, build_s: float | None = None, load_s: float | None = None,
                seconds_per_pixel: float | None = None) -> None:
-        """Merge what was measured of ``backend`` on ``subnet`` into ``measurements.json`` (under the lock;
+        """Merge what was measured of ``backend`` on ``subnet`` into the measurements' file (under the lock;
         the values not given keep what was there). A cache that cannot be written (read-only, full) costs the
         next process a measurement, nothing more: it is logged, not raised."""
         try:
@@ -163,13 +174,13 @@ class EngineCache:
                     if value is not None:
                         entry[name] = round(float(value), 9)
                 raw[str(subnet)][backend] = entry
-                self._write_json(self.folder / MEASUREMENTS_FILE, raw)
+                self._write_json(self.folder / self.measurements_file, raw)
         except OSError as error:
             log.warning("engine cache: could not record %s on sub-network %d in %s: %s", backend, subnet,
                         self.folder, error)
 
     def _read_measurements(self) -> dict:
-        path = self.folder / MEASUREMENTS_FILE
+        path = self.folder / self.measurements_file
         try:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
@@ -206,8 +217,13 @@ class EngineCache:
         os.replace(temporary, path)
 
 
+def _seconds(value: object) -> float | None:
+    return None if value is None else float(value)
+
+
 def entries(root: str | Path) -> list[dict]:
-    """What ``ddsnet cache info`` shows: per entry its folder, key, engines and size in bytes."""
+    """What ``ddsnet cache info`` shows: per entry its folder, key, engines, the conditions it holds measurements
+    under (``allocator-keep``, ...) and size in bytes."""
     found = []
     root = Path(root)
     if not root.is_dir():
@@ -219,7 +235,11 @@ def entries(root: str | Path) -> list[dict]:
             key = None
         size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
         engines = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-        found.append({"folder": str(folder), "key": key, "engines": engines, "bytes": size})
+        measured = sorted(p.stem.removeprefix(MEASUREMENTS_PREFIX).lstrip("-") or "-"
+                          for p in folder.glob(f"{MEASUREMENTS_PREFIX}*.json"))
+        stale = not isinstance(key, dict) or key.get("format") != FORMAT  # an older layout: never read again
+        found.append({"folder": str(folder), "key": key, "engines": engines, "measured_under": measured,
+                      "stale": stale, "bytes": size})
     return found
 
 

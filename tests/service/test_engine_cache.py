@@ -18,7 +18,7 @@ from PIL import Image
 from model import Denoiser, load_checkpoint
 from service import backends
 from service.backends import Runtimes, installed
-from service.engine_cache import EngineCache, Measurement
+from service.engine_cache import EngineCache, Measurement, entries
 
 needs_openvino = pytest.mark.skipif(not installed("openvino"), reason="openvino is not installed")
 REPO = Path(__file__).resolve().parents[2]
@@ -114,7 +114,7 @@ def test_a_damaged_entry_is_built_again_with_a_warning(denoiser, tmp_path, caplo
     expected = reference[0](windows)
     (model,) = tmp_path.glob("*/openvino-*/subnet-0-model/model.xml")
     model.write_text("<net>not a model")
-    (measurements,) = tmp_path.glob("*/measurements.json")
+    (measurements,) = tmp_path.glob("*/measurements-*.json")
     measurements.write_text("{truncated")
     with caplog.at_level(logging.WARNING, logger="ddsnet.cache"):
         again = Runtimes(denoiser, "openvino", cache_dir=tmp_path)
@@ -132,6 +132,27 @@ def test_measurements_merge_and_ignore_other_engine_versions(tmp_path, monkeypat
     assert cache.measurements() == {2: {"openvino": Measurement(3.0, 1e-8, 0.2)}}
     monkeypatch.setattr("service.engine_cache.engine_version", lambda backend: "another")
     assert cache.measurements() == {}
+
+
+@needs_openvino
+def test_speeds_are_kept_per_allocator_setting_and_the_engines_shared(denoiser, tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    monkeypatch.setattr(backends, "allocator_keeps", lambda: True)
+    keep = Runtimes(denoiser, "auto", cache_dir=root)
+    keep[0]  # every candidate built and timed
+    kept = keep.cache.measurements()
+    monkeypatch.setattr(backends, "allocator_keeps", lambda: False)
+    system = Runtimes(denoiser, "auto", cache_dir=root)
+    assert system.cache.folder == keep.cache.folder and system.cache.measurements() == {}
+    system[0]
+    assert system.built_count == 1  # torch; the compiled engines came from the cache, then were timed
+    assert set(system.probe_seconds[0]) == set(system.names)
+    measured = system.cache.measurements()[0]
+    assert set(measured) == set(system.names)
+    assert measured["openvino"].build_s is None and measured["openvino"].load_s is not None
+    assert keep.cache.measurements() == kept
+    (entry,) = [e for e in entries(root) if e["folder"] == str(keep.cache.folder)]
+    assert entry["measured_under"] == ["allocator-keep", "allocator-system"]
 
 
 def _measured(runtimes: Runtimes, index: int, **speeds: Measurement) -> None:
@@ -153,6 +174,11 @@ def test_auto_takes_the_engine_with_the_least_expected_time_for_the_job(denoiser
     assert runtimes._cheapest_for_the_job(1, {}) == "torch"
     pixels["n"] = 1e13
     assert runtimes._cheapest_for_the_job(1, {}) == "openvino"
+    # An engine measured but never built under this allocator setting is assumed to build at the prior (1.5 s).
+    _measured(runtimes, 2, torch=Measurement(0.01, 8e-7), openvino=Measurement(None, 2e-7))
+    for n, expected in ((1e5, "torch"), (1e7, "openvino")):
+        pixels["n"] = n
+        assert runtimes._cheapest_for_the_job(2, runtimes.cache.measurements()[2]) == expected
 
 
 def test_a_job_stores_the_speed_it_ran_at(denoiser, tmp_path):
@@ -175,8 +201,16 @@ def test_the_cli_fills_and_shows_and_clears_the_cache(tiny_checkpoint, tmp_path,
     info = json.loads(capsys.readouterr().out)
     assert info["root"] == str(engine_cache_home) and len(info["entries"]) == 1
     assert info["entries"][0]["key"]["checkpoint"] == load_checkpoint(tiny_checkpoint).tensors_sha256
+    (measured_under,) = info["entries"][0]["measured_under"]  # this process's allocator setting
+    assert measured_under.startswith("allocator-") and not info["entries"][0]["stale"]
+    old = engine_cache_home / "0123456789abcdef"  # an entry of an older layout
+    old.mkdir()
+    (old / "key.json").write_text(json.dumps({"format": 1, "checkpoint": "abc"}))
+    assert main(["cache", "info"]) == 0
+    shown = capsys.readouterr().out
+    assert f"measured under {measured_under}" in shown and "0123456789abcdef: unused (an older layout" in shown
     assert main(["cache", "clear"]) == 0
-    assert "removed 1 entries" in capsys.readouterr().out and not any(engine_cache_home.iterdir())
+    assert "removed 2 entries" in capsys.readouterr().out and not any(engine_cache_home.iterdir())
 
 
 @needs_openvino
