@@ -17,11 +17,12 @@
 
 With ``--cold``, instead: **what a user waits for**, from outside the processes. Over the 16 validation photos
 (``val-texture/``) with AWGN at sigma 25, written as PNGs: one ``ddsnet denoise`` process per quality for the
-whole folder (``--backend auto``, then ``--backend torch``), its wall time, with the engine cache empty and then
-warm (after one ``ddsnet cache warm``), against FFDNet in this process (true sigma); one 512x512 photo from a fresh
-process, auto on a warm cache against torch; one 12-megapixel photo (4000x3000), fast and best on a warm cache, at
-the CLI's default tile and at the service's, its wall time and peak memory; and the seconds from starting
-``ddsnet serve`` to ``/readyz`` answering 200, cold and warm. Writes ``benchmarks/results/speed_cold.json``.
+whole folder (``--backend auto`` and ``--backend torch``, their order alternating), its wall time, with the
+engine cache empty and then warm (after one ``ddsnet cache warm``), against FFDNet in this process (true sigma);
+one 512x512 photo from a fresh process, auto on a warm cache against torch; one 12-megapixel photo (4000x3000),
+fast and best on a warm cache, at the CLI's default tile and at the service's, its wall time and peak memory; and
+the seconds from starting ``ddsnet serve`` to ``/readyz`` answering 200, cold and warm.
+Writes ``benchmarks/results/speed_cold.json``.
 
 Everything runs under one allocator setting (``model.allocator``): this process, FFDNet in it, and every
 ``ddsnet`` process it starts (``DDSNET_ALLOCATOR``). The default, ``keep``, is what ``ddsnet`` runs under; it
@@ -280,8 +281,9 @@ def cold_report(checkpoint: str, passes: int, photos: str, allocator: str) -> di
                                check=True, env=env, stdout=subprocess.DEVNULL)
             for quality in ("auto", "fast", "best"):
                 runs: dict[str, list[float]] = {"auto": [], "torch": []}
-                for _ in range(passes):
-                    for backend in ("auto", "torch"):
+                for index in range(passes):
+                    # Of two processes run back to back, the first tends to be the slower: the order alternates.
+                    for backend in ("auto", "torch") if index % 2 == 0 else ("torch", "auto"):
                         if state == "cold":
                             shutil.rmtree(cache, ignore_errors=True)
                         runs[backend].append(folder_run(quality, backend))
