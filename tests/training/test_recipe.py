@@ -69,9 +69,9 @@ def test_every_step_reads_an_earlier_steps_output_and_every_override_is_a_config
         written.add(str(Path(sets["out_dir"]) / OUTPUTS[stage]))
     assert [args[0] for args in calls].count("supernet") == 10  # 9 runs, one of them resumed once
     assert [args[0] for args in calls].count("tailor") == 20  # 19 runs, one of them resumed once
-    assert [args[0] for args in calls].count("gate") == 5
-    assert [args[0] for args in calls].count("profile") == 3
-    final = f"{tmp_path / 'run'}/white2-gate/ddsnet.safetensors"
+    assert [args[0] for args in calls].count("gate") == 6
+    assert [args[0] for args in calls].count("profile") == 4
+    final = f"{tmp_path / 'run'}/profile3-gate/ddsnet.safetensors"
     assert calls[-1][0] == "gate" and result.stdout.strip().endswith(final)
 
     # Run again: every step is done, nothing is trained twice.

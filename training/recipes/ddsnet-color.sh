@@ -5,9 +5,9 @@
 #
 # Each step reads the previous step's output under RUN_DIR and writes its own folder there (config.yaml,
 # log.jsonl, the checkpoint). A step whose checkpoint exists is skipped, so an interrupted recipe is re-run
-# with the same command. The last step writes RUN_DIR/white2-gate/ddsnet.safetensors, the gated checkpoint with
+# with the same command. The last step writes RUN_DIR/profile3-gate/ddsnet.safetensors, the gated checkpoint with
 # both profiles.
-# On two CPU cores the whole chain takes about 38 hours (docs/MODEL_CARD.md, "Training").
+# On two CPU cores the whole chain takes about 39 hours (docs/MODEL_CARD.md, "Training").
 #
 # Each stage runs with its defaults (training/config.py; training/configs/ adds nothing to them) and the
 # overrides below. Where a step overrides `targets`, it repeats the FLOPs targets its search used.
@@ -171,4 +171,15 @@ done_or_run white2 "$train" profile "${common[@]}" "${profile_crops[@]}" \
 done_or_run white2-gate "$train" gate "${common[@]}" "${both_profiles[@]}" \
   --set "tailored=$run/profile2-gate/ddsnet.safetensors" --set "profiles.white=$run/white2/tailored.safetensors" \
   --set steps=100 --set seed=3 --set "out_dir=$run/white2-gate"
-echo "recipe done: $run/white2-gate/ddsnet.safetensors"
+# The compressed profile fine-tuned again, from the white2 gate's compressed weights, with a quarter of its crops
+# white noise and JPEG up to quality 98, so that texture under weak, nearly white noise is kept; then one gate over
+# both profiles again, with the compressed profile replaced in place.
+done_or_run profile3 "$train" profile "${common[@]}" "${profile_crops[@]}" \
+  --set "supernet=$run/white2-gate/ddsnet.safetensors" --set source_profile=compressed \
+  --set 'data.degradations.mix={jpeg: 0.45, poisson_jpeg: 0.1, downscale: 0.2, awgn: 0.25}' \
+  --set 'data.degradations.jpeg_quality=[30,98]' --set finetune_steps=1000 --set finetune_lr=0.00015 --set seed=5 \
+  --set "out_dir=$run/profile3"
+done_or_run profile3-gate "$train" gate "${common[@]}" "${both_profiles[@]}" \
+  --set "tailored=$run/white2-gate/ddsnet.safetensors" --set "profiles.compressed=$run/profile3/tailored.safetensors" \
+  --set steps=100 --set seed=5 --set "out_dir=$run/profile3-gate"
+echo "recipe done: $run/profile3-gate/ddsnet.safetensors"
