@@ -172,8 +172,8 @@ done_or_run white2-gate "$train" gate "${common[@]}" "${both_profiles[@]}" \
   --set "tailored=$run/profile2-gate/ddsnet.safetensors" --set "profiles.white=$run/white2/tailored.safetensors" \
   --set steps=100 --set seed=3 --set "out_dir=$run/white2-gate"
 # The compressed profile fine-tuned again, from the white2 gate's compressed weights, with a quarter of its crops
-# white noise and JPEG up to quality 98, so that texture under weak, nearly white noise is kept; then one gate over
-# both profiles again, with the compressed profile replaced in place.
+# white noise and JPEG up to quality 98; then one gate over both profiles again, with the compressed profile
+# replaced in place.
 done_or_run profile3 "$train" profile "${common[@]}" "${profile_crops[@]}" \
   --set "supernet=$run/white2-gate/ddsnet.safetensors" --set source_profile=compressed \
   --set 'data.degradations.mix={jpeg: 0.45, poisson_jpeg: 0.1, downscale: 0.2, awgn: 0.25}' \
