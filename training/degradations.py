@@ -12,6 +12,10 @@ Five kinds, each applied to clean ``(B, 3, H, W)`` images in [0, 1] and ending i
 - ``poisson_jpeg``: ``poisson_gaussian``'s sensor noise, then JPEG as ``jpeg``: a phone's own photo.
 - For both JPEG kinds, ``jpeg_double`` of the draws are compressed a second time, at a second quality from
   ``jpeg_quality``, on a block grid shifted by 1-7 pixels each way: a photo cropped and saved again.
+- A JPEG quality is drawn uniformly in ``jpeg_quality`` (``jpeg_quality_draw: uniform``), or with its quantiser
+  step log-uniform (``step``): libjpeg scales its tables by 5000/q below quality 50 and by 200 - 2q above, so
+  ``step`` draws each doubling of the step equally often, and puts more draws where the step is small and the
+  artefacts are faint (q 90-98) than a uniform quality does.
 - ``downscale``: AWGN of σ in ``downscale_sigma`` on the image at ``1 / factor`` of its size, then an area
   downscale by ``factor`` (in ``downscale_factor``), as when a noisy photo is resized before it is sent.
   Downscaling is linear, so this equals adding the downscaled noise field to the clean image.
@@ -36,6 +40,7 @@ from PIL import Image
 from model.metrics import add_noise
 
 KINDS = ("awgn", "poisson_gaussian", "variant", "jpeg", "downscale", "poisson_jpeg")
+JPEG_QUALITY_DRAWS = ("uniform", "step")
 JPEG_BLOCK = 8  # the side of a JPEG block: a shifted grid moves by less than this
 
 
@@ -53,6 +58,8 @@ class DegradationConfig:
     downscale_factor: list[float] = field(default_factory=lambda: [0.5, 0.9])
     # The share of JPEG draws (``jpeg``, ``poisson_jpeg``) compressed twice, the second time on a shifted grid.
     jpeg_double: float = 0.0
+    # How a JPEG quality is drawn from ``jpeg_quality``: ``uniform``, or ``step`` (its quantiser step log-uniform).
+    jpeg_quality_draw: str = "uniform"
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.mix) - set(KINDS))
@@ -68,6 +75,9 @@ class DegradationConfig:
                 raise ValueError(f"{name} must be [low, high] with 0 <= low <= high, got {getattr(self, name)}")
         if not 0 <= self.jpeg_double <= 1:
             raise ValueError(f"jpeg_double must be a share in [0, 1], got {self.jpeg_double}")
+        if self.jpeg_quality_draw not in JPEG_QUALITY_DRAWS:
+            raise ValueError(f"jpeg_quality_draw must be one of {', '.join(JPEG_QUALITY_DRAWS)}, "
+                             f"got {self.jpeg_quality_draw!r}")
         if _range(self, "photons")[0] <= 0:
             raise ValueError("photons must be positive")
         if not 1 <= _range(self, "jpeg_quality")[0] <= _range(self, "jpeg_quality")[1] <= 100:
@@ -85,6 +95,18 @@ def _range(config: DegradationConfig, name: str) -> tuple[float, float]:
     if not isinstance(value, list | tuple) or len(value) != 2:
         raise ValueError(f"{name} must be a [low, high] pair, got {value!r}")
     return float(value[0]), float(value[1])
+
+
+def quantiser_scale(quality: float) -> float:
+    """libjpeg's scale of its quantisation tables, in percent, at ``quality`` (1-100); at least 1, so that a
+    step is never zero."""
+    quality = min(max(quality, 1.0), 100.0)
+    return 5000.0 / quality if quality < 50 else max(200.0 - 2.0 * quality, 1.0)
+
+
+def quality_of_scale(scale: float) -> float:
+    """The inverse of :func:`quantiser_scale`."""
+    return 5000.0 / scale if scale > 100 else (200.0 - scale) / 2.0
 
 
 def quantize(image: torch.Tensor) -> torch.Tensor:
@@ -186,7 +208,11 @@ def draw(config: DegradationConfig, sigma: tuple[float, float], rng: random.Rand
 
     def quality() -> int:
         low, high = _range(config, "jpeg_quality")
-        return rng.randint(int(low), int(high))
+        if config.jpeg_quality_draw == "uniform":
+            return rng.randint(int(low), int(high))
+        small, large = math.log(quantiser_scale(high)), math.log(quantiser_scale(low))
+        drawn = quality_of_scale(math.exp(rng.uniform(small, large)))
+        return min(max(round(drawn), int(low)), int(high))
 
     def photons() -> float:  # photon counts spread over orders of magnitude: drawn log-uniformly
         low, high = _range(config, "photons")
